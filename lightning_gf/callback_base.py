@@ -1,0 +1,194 @@
+"""The Lightning wiring of gradient filtering, shared by both Lightning namespaces.
+
+``lightning_gf.callback`` (``pytorch_lightning``) and ``lightning_gf.lightning``
+(``lightning.pytorch``) each add their namespace's ``Callback`` base to this class.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_gf.handle import GradientFilterHandle
+from lightning_gf.surgery import _check_r_value, apply_gradient_filter
+
+_INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
+_MIB = 2**20
+
+
+@contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Run a block without moving the global torch, random and numpy generators."""
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch's deps
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+def model_input_of(batch: Any) -> Any:
+    """The model input inside a training batch: the batch itself if it is a tensor,
+    its first element if it is a tuple or list, else a tensor under a usual key."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return model_input_of(batch[0])
+    if isinstance(batch, Mapping):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        for value in batch.values():
+            if isinstance(value, Tensor):
+                return value
+    raise ValueError(
+        f"cannot find the model input in a training batch of type {type(batch).__name__}: "
+        "set `example_input_array` on your LightningModule"
+    )
+
+
+def _first_training_input(trainer: Any, pl_module: nn.Module) -> Any:
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    with _rng_untouched():
+        loader = source.dataloader()
+        batch = next(iter(loader))
+    x = model_input_of(batch)
+    if isinstance(x, Tensor):
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        x = x[:1].to(device)
+    return x
+
+
+class GradientFilterCallbackBase:
+    """Filters the last ``depth`` conv layers for ``fit`` and logs the memory saved.
+
+    The filter is installed in ``setup('fit')`` (before optimizers and DDP), from
+    ``pl_module.example_input_array`` or else the first training batch, and removed
+    in ``teardown``. Every training step logs ``gf/activation_mb``,
+    ``gf/activation_mb_vanilla``, ``gf/memory_saved_mb`` (MiB, read off the tensors
+    kept for backward) and ``gf/backward_gflops_saved`` (analytic).
+
+    Args are those of :func:`lightning_gf.apply_gradient_filter`, plus
+    ``log_memory`` (turn the per-step metrics off).
+
+    Example:
+        >>> from lightning_gf import GradientFilterCallback
+        >>> cb = GradientFilterCallback(r=2, depth=3)
+        >>> cb.state_dict()["depth"]
+        3
+    """
+
+    def __init__(
+        self,
+        r: Union[int, dict[str, int]] = 2,
+        depth: int = 3,
+        *,
+        freeze: bool = True,
+        bn_eval: bool = True,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        stride_correction: bool = True,
+        log_memory: bool = True,
+    ) -> None:
+        if isinstance(r, Mapping):
+            for pattern, value in r.items():
+                _check_r_value(value, f"r[{pattern!r}]")
+        else:
+            _check_r_value(r, "r")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        self.r = dict(r) if isinstance(r, Mapping) else r
+        self.depth = depth
+        self.freeze = freeze
+        self.bn_eval = bn_eval
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.stride_correction = stride_correction
+        self.log_memory = log_memory
+        self.handle: Optional[GradientFilterHandle] = None
+
+    def config(self) -> dict[str, Any]:
+        """The options this callback was built with."""
+        return {
+            "r": self.r,
+            "depth": self.depth,
+            "freeze": self.freeze,
+            "bn_eval": self.bn_eval,
+            "include": self.include,
+            "exclude": self.exclude,
+            "stride_correction": self.stride_correction,
+        }
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.handle is not None:
+            return
+        example = pl_module.example_input_array
+        if example is None:
+            example = _first_training_input(trainer, pl_module)
+        if example is None:
+            raise ValueError(
+                "GradientFilterCallback needs an example input: set `example_input_array` on the "
+                "LightningModule or give the Trainer a training dataloader"
+            )
+        self.handle = apply_gradient_filter(
+            pl_module,
+            self.r,
+            self.depth,
+            example_input=example,
+            freeze=self.freeze,
+            bn_eval=self.bn_eval,
+            include=self.include,
+            exclude=self.exclude,
+            stride_correction=self.stride_correction,
+        )
+        rank_zero_info(f"lightning_gf: {self.handle!r}")
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.handle is not None:
+            self.handle.reset_stats()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.handle is None or not self.log_memory:
+            return
+        stats = self.handle.stats
+        pl_module.log_dict(
+            {
+                "gf/activation_mb": stats.kept_bytes / _MIB,
+                "gf/activation_mb_vanilla": stats.vanilla_bytes / _MIB,
+                "gf/memory_saved_mb": stats.saved_bytes / _MIB,
+                "gf/backward_gflops_saved": 2 * (stats.backward_macs_vanilla - stats.backward_macs_filtered) / 1e9,
+            },
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.config()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        differing = {k: (v, state_dict[k]) for k, v in self.config().items() if k in state_dict and state_dict[k] != v}
+        if differing:
+            details = ", ".join(f"{k}: checkpoint {old!r} -> now {new!r}" for k, (new, old) in differing.items())
+            rank_zero_warn(f"GradientFilterCallback resumed with a different configuration ({details})")

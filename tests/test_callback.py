@@ -1,0 +1,174 @@
+"""GradientFilterCallback in a real Lightning fit, with both Lightning namespaces."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_gf.class_swap import is_swapped
+from tests.models import TinyCNN
+
+NAMESPACES = {
+    "pytorch_lightning": ("pytorch_lightning", "lightning_gf.callback"),
+    "lightning.pytorch": ("lightning.pytorch", "lightning_gf.lightning"),
+}
+
+
+class IndexedImages(Dataset):
+    """Random images whose label is their index modulo 3, and which remember their index."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], torch.tensor(i % 3), torch.tensor(i)
+
+
+def _namespace(name):
+    pl_name, cb_module = NAMESPACES[name]
+    pl = importlib.import_module(pl_name)
+    return pl, importlib.import_module(cb_module).GradientFilterCallback
+
+
+def _lit_class(pl):
+    class LitTiny(pl.LightningModule):
+        def __init__(self, with_example: bool = True) -> None:
+            super().__init__()
+            self.model = TinyCNN()
+            self.seen: list[int] = []
+            if with_example:
+                self.example_input_array = torch.zeros(1, 3, 16, 16)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, idx = batch
+            self.seen.extend(idx.tolist())
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y, _ = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(IndexedImages(), batch_size=4, shuffle=True)
+
+        def val_dataloader(self):
+            return DataLoader(IndexedImages(8), batch_size=4)
+
+    return LitTiny
+
+
+def _probe_class(pl):
+    class Probe(pl.Callback):
+        def __init__(self) -> None:
+            self.filtered: set[str] = set()
+            self.bn_training: set[bool] = set()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.filtered |= {n for n, m in pl_module.named_modules() if is_swapped(m) and isinstance(m, nn.Conv2d)}
+            self.bn_training |= {m.training for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    return Probe
+
+
+def _trainer(pl, tmp_path, callbacks, **kwargs):
+    return pl.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, callbacks=callbacks, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        limit_val_batches=1, val_check_interval=2, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_fit_filters_logs_checkpoints_and_tears_down(namespace, tmp_path):
+    pl, Callback = _namespace(namespace)
+    LitTiny = _lit_class(pl)
+    torch.manual_seed(0)
+    model = LitTiny()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb, probe = Callback(r=2, depth=2), _probe_class(pl)()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _trainer(pl, tmp_path, [cb, probe, ckpt]).fit(model)
+
+    assert probe.filtered == {"model.block.0", "model.last.0"}
+    assert probe.bn_training == {False}  # BN kept in eval through Lightning's model.train() calls
+    metrics = model.trainer.logged_metrics
+    assert metrics["gf/activation_mb"] > 0
+    assert metrics["gf/activation_mb_vanilla"] > metrics["gf/activation_mb"]
+    torch.testing.assert_close(
+        metrics["gf/memory_saved_mb"], metrics["gf/activation_mb_vanilla"] - metrics["gf/activation_mb"]
+    )
+    assert metrics["gf/backward_gflops_saved"] > 0
+    # frozen part untouched, trained part moved
+    now = dict(model.named_parameters())
+    assert torch.equal(now["model.stem.0.weight"], start["model.stem.0.weight"])
+    assert not torch.equal(now["model.last.0.weight"], start["model.last.0.weight"])
+    assert not torch.equal(now["model.se.weight"], start["model.se.weight"])
+    # torn down: plain model again, flags restored
+    assert cb.handle is None
+    assert not any(is_swapped(m) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    # a checkpoint written mid-fit loads strictly into the unpatched model
+    files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert files
+    state = torch.load(files[0], weights_only=False)
+    LitTiny().load_state_dict(state["state_dict"], strict=True)
+    (cb_state,) = [v for k, v in state["callbacks"].items() if "GradientFilterCallback" in k]
+    assert cb_state == cb.config() and cb_state["depth"] == 2
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_first_batch_is_used_without_moving_the_data_order(namespace, tmp_path):
+    pl, Callback = _namespace(namespace)
+    LitTiny = _lit_class(pl)
+    seen = {}
+    for use_cb in (False, True):
+        pl.seed_everything(7)
+        model = LitTiny(with_example=False)
+        callbacks = [Callback(r=2, depth=1)] if use_cb else []
+        _trainer(pl, tmp_path, callbacks, num_sanity_val_steps=0).fit(model)
+        seen[use_cb] = model.seen
+    assert seen[True] == seen[False] and len(seen[True]) == 16
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_other_stages_are_untouched(namespace, tmp_path):
+    pl, Callback = _namespace(namespace)
+    model = _lit_class(pl)()
+    cb = Callback(r=2, depth=2)
+    _trainer(pl, tmp_path, [cb]).validate(model)
+    assert cb.handle is None and not any(is_swapped(m) for m in model.modules())
+
+
+def test_callback_of_one_namespace_is_a_callback_there():
+    import lightning.pytorch as L
+    import pytorch_lightning as pl
+
+    from lightning_gf.callback import GradientFilterCallback as PLCallback
+    from lightning_gf.lightning import GradientFilterCallback as LCallback
+
+    assert isinstance(PLCallback(), pl.Callback) and not isinstance(PLCallback(), L.Callback)
+    assert isinstance(LCallback(), L.Callback) and not isinstance(LCallback(), pl.Callback)
+
+
+def test_resume_with_other_configuration_warns():
+    from lightning_gf import GradientFilterCallback
+
+    cb = GradientFilterCallback(r=2, depth=3)
+    with pytest.warns(UserWarning, match=r"different configuration \(r: checkpoint 4 -> now 2"):
+        cb.load_state_dict({**cb.config(), "r": 4})
