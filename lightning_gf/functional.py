@@ -33,6 +33,40 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _avg_pool_fits(size: int, kernel: int, before: int, patches: int) -> bool:
+    """Whether ``avg_pool2d(ceil_mode=True, padding=before)`` yields exactly our patches."""
+    if before < 0 or before > kernel // 2:
+        return False
+    out = -((-(size + 2 * before - kernel)) // kernel) + 1
+    if (out - 1) * kernel >= size + before:
+        out -= 1
+    return out == patches
+
+
+def _tiles_exactly(t: Tensor, kh: int, kw: int, before_h: int, before_w: int, ph: int, pw: int) -> bool:
+    return before_h == 0 and before_w == 0 and t.shape[2] == ph * kh and t.shape[3] == pw * kw
+
+
+def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
+    """Sum over non-overlapping ``kh x kw`` tiles of a map they tile exactly.
+
+    Two passes of strided adds (columns, then rows): faster on CPU than
+    ``avg_pool2d`` or a 6-D reshape-sum for contiguous NCHW tensors.
+    """
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return F.avg_pool2d(t, (kh, kw), (kh, kw), divisor_override=1)
+    cols = t.reshape(n, c, h, w // kw, kw)
+    acc = cols[..., 0] + cols[..., 1] if kw > 1 else cols[..., 0]
+    for j in range(2, kw):
+        acc += cols[..., j]
+    rows = acc.reshape(n, c, h // kh, kh, w // kw)
+    out = rows[:, :, :, 0] + rows[:, :, :, 1] if kh > 1 else rows[:, :, :, 0]
+    for i in range(2, kh):
+        out += rows[:, :, :, i]
+    return out
+
+
 def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
     """Sum ``t`` over the patches of the grid (input patches, or output patches).
 
@@ -45,33 +79,62 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     """
     if on_input:
         size_h, size_w = grid_h.in_patch, grid_w.in_patch
-        pads = (grid_w.in_before, grid_w.in_after, grid_h.in_before, grid_h.in_after)
+        before_h, after_h, before_w, after_w = grid_h.in_before, grid_h.in_after, grid_w.in_before, grid_w.in_after
     else:
         size_h, size_w = grid_h.r, grid_w.r
-        pads = (grid_w.out_before, grid_w.out_after, grid_h.out_before, grid_h.out_after)
+        before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
     t = t.to(_accumulation_dtype(t.dtype))
+    if _tiles_exactly(t, size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches):
+        return _sum_tiles(t, size_h, size_w)
+    if _avg_pool_fits(t.shape[2], size_h, before_h, grid_h.patches) and _avg_pool_fits(
+        t.shape[3], size_w, before_w, grid_w.patches
+    ):
+        return F.avg_pool2d(
+            t, (size_h, size_w), (size_h, size_w), (before_h, before_w), ceil_mode=True, divisor_override=1
+        )
+    pads = (before_w, after_w, before_h, after_h)
     if any(pads):
         t = F.pad(t, pads)
     n, c = t.shape[:2]
     return t.reshape(n, c, grid_h.patches, size_h, grid_w.patches, size_w).sum((3, 5))
 
 
+def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
+    counts_h = torch.tensor(grid_h.out_counts(), dtype=like.dtype, device=like.device)
+    counts_w = torch.tensor(grid_w.out_counts(), dtype=like.dtype, device=like.device)
+    return counts_h[:, None] * counts_w[None, :]
+
+
 def _patch_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
-    sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
-    counts_h = torch.tensor(grid_h.out_counts(), dtype=sums.dtype, device=sums.device)
-    counts_w = torch.tensor(grid_w.out_counts(), dtype=sums.dtype, device=sums.device)
-    return sums / (counts_h[:, None] * counts_w[None, :])
+    """Mean of ``grad_out`` over the valid cells of each output patch (one pass)."""
+    g = grad_out.to(_accumulation_dtype(grad_out.dtype))
+    r_h, r_w = grid_h.r, grid_w.r
+    if _tiles_exactly(g, r_h, r_w, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches):
+        return _sum_tiles(g, r_h, r_w).div_(r_h * r_w)
+    if _avg_pool_fits(g.shape[2], r_h, grid_h.out_before, grid_h.patches) and _avg_pool_fits(
+        g.shape[3], r_w, grid_w.out_before, grid_w.patches
+    ):
+        r = (r_h, r_w)
+        return F.avg_pool2d(g, r, r, (grid_h.out_before, grid_w.out_before), ceil_mode=True, count_include_pad=False)
+    return pool_patches(g, grid_h, grid_w, on_input=False) / _patch_counts(grid_h, grid_w, g)
 
 
 def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
-    """Repeat each patch value over its input patch, then crop to the input map."""
-    n, c = low.shape[:2]
-    full = low[:, :, :, None, :, None].expand(
-        n, c, grid_h.patches, grid_h.in_patch, grid_w.patches, grid_w.in_patch
-    )
-    full = full.reshape(n, c, grid_h.patches * grid_h.in_patch, grid_w.patches * grid_w.in_patch)
+    """Repeat each patch value over its input patch, then crop to the input map.
+
+    Columns first (a small tensor), then whole rows (long contiguous copies).
+    """
+    n, c, ph, pw = low.shape
+    kh, kw = grid_h.in_patch, grid_w.in_patch
+    cols = low[..., None].expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
+    full = cols[:, :, :, None, :].expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
+    if min(grid_h.in_before, grid_h.in_after, grid_w.in_before, grid_w.in_after) >= 0:
+        # the grid covers the input: crop with a view (no copy; autograd takes strided grads)
+        h_end = full.shape[2] - grid_h.in_after
+        w_end = full.shape[3] - grid_w.in_after
+        return full[:, :, grid_h.in_before : h_end, grid_w.in_before : w_end]
     pads = (-grid_w.in_before, -grid_w.in_after, -grid_h.in_before, -grid_h.in_after)
-    return F.pad(full, pads) if any(pads) else full
+    return F.pad(full, pads)  # grid smaller than the input: crop and zero-fill
 
 
 def _low_res_input_grad(
@@ -84,6 +147,8 @@ def _low_res_input_grad(
     taps keep their shape and sample the low-resolution map at dilation ``d // r``.
     """
     w = weight.to(gbar.dtype)
+    if dilation[0] < r and dilation[1] < r:
+        return _grouped_channel_mix(gbar, w.sum((2, 3)), groups, transpose=True)
     kept_dilation, crop = [], []
     for axis, d in enumerate(dilation):
         k = weight.shape[2 + axis]
@@ -99,14 +164,45 @@ def _low_res_input_grad(
     return low[:, :, crop[0] : crop[0] + ph, crop[1] : crop[1] + pw]
 
 
+def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool) -> Tensor:
+    """A grouped 1x1 conv of ``t`` with the ``(C_out, C_in/groups)`` matrix ``w2d``.
+
+    ``transpose=False`` maps input channels to output channels, ``True`` the reverse.
+    Depthwise and depth-multiplier layers take elementwise paths instead of tiny
+    matrix products.
+    """
+    c_out, c_in_group = w2d.shape
+    c_out_group = c_out // groups
+    n, _, ph, pw = t.shape
+    if groups == 1:  # one matrix product over all samples and patches
+        mix = w2d.t() if transpose else w2d
+        flat = t.transpose(0, 1).reshape(t.shape[1], n * ph * pw)
+        return (mix @ flat).reshape(-1, n, ph, pw).transpose(0, 1)
+    if c_in_group == 1 and transpose:  # depthwise / depth multiplier: C_out = m * C_in
+        return (t.reshape(n, groups, c_out_group, ph, pw) * w2d.reshape(1, groups, c_out_group, 1, 1)).sum(2)
+    w3d = w2d.reshape(groups, c_out_group, c_in_group)
+    if transpose:
+        out = torch.einsum("goc,ngohw->ngchw", w3d, t.reshape(n, groups, c_out_group, ph, pw))
+    else:
+        out = torch.einsum("goc,ngchw->ngohw", w3d, t.reshape(n, groups, c_in_group, ph, pw))
+    return out.reshape(n, -1, ph, pw)
+
+
 def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int) -> Tensor:
     """One value per (out, in) channel pair, shared by every kernel tap."""
     n, c_out = gbar.shape[:2]
     c_in = xs.shape[1]
-    g_bar = gbar.reshape(n, groups, c_out // groups, -1)
-    x_s = xs.reshape(n, groups, c_in // groups, -1)
-    per_pair = torch.einsum("ngop,ngcp->goc", g_bar, x_s).reshape(c_out, c_in // groups, 1, 1)
-    return per_pair.expand(weight_shape)
+    c_in_group, c_out_group = c_in // groups, c_out // groups
+    if groups == 1:  # one matrix product over all samples and patches
+        per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
+    elif c_in_group == 1:  # depthwise / depth multiplier
+        g = gbar.reshape(n, groups, c_out_group, -1)
+        per_pair = (g * xs.reshape(n, groups, 1, -1)).sum((0, 3)).reshape(c_out, 1)
+    else:
+        g_bar = gbar.reshape(n, groups, c_out_group, -1)
+        x_s = xs.reshape(n, groups, c_in_group, -1)
+        per_pair = torch.einsum("ngop,ngcp->goc", g_bar, x_s).reshape(c_out, c_in_group)
+    return per_pair[:, :, None, None].expand(weight_shape)
 
 
 def _call_stats(
@@ -187,8 +283,8 @@ class _FilteredConv2dFunction(torch.autograd.Function):
             if stride_scale != 1:
                 grad_w = grad_w / stride_scale
             grad_w = grad_w.to(weight.dtype).contiguous()
-        if need_b:
-            grad_b = grad_out.sum((0, 2, 3), dtype=_accumulation_dtype(grad_out.dtype)).to(grad_out.dtype)
+        if need_b:  # exact: the patch means weighted by their cell counts sum to sum(g_y)
+            grad_b = (gbar * _patch_counts(grid_h, grid_w, gbar)).sum((0, 2, 3)).to(grad_out.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 

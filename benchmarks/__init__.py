@@ -1,0 +1,1 @@
+"""Benchmarks of lightning-gf: `make bench` runs them and writes docs/benchmarks.md."""
