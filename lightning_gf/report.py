@@ -308,7 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", type=_json_object, default={},
                    help='JSON object of extra model arguments, e.g. \'{"zero_init_last": false}\'')
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input and of the initial weights")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -321,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lightning_gf.model_spec import build_model
 
     print(f"building {args.model} ...", file=sys.stderr)
+    torch.manual_seed(args.seed)  # random initial weights are reproducible too
     try:
         model = build_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, **args.model_kwargs)
     except ValueError as err:
