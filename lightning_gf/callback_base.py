@@ -85,7 +85,11 @@ class GradientFilterCallbackBase:
     kept for backward) and ``gf/backward_gflops_saved`` (analytic).
 
     Args are those of :func:`lightning_gf.apply_gradient_filter`, plus
-    ``log_memory`` (turn the per-step metrics off).
+    ``log_memory`` (turn the per-step metrics off) and ``fidelity_every_n_steps``
+    (``0``: off; ``N``: every ``N`` optimizer steps, before the step, log
+    ``gf/fidelity/<layer>/gw_cos``, ``gw_norm_ratio``, ``gx_cos``, ``gx_norm_ratio``
+    from :func:`lightning_gf.diagnostics.fidelity_with_handle` on the step's batch, with
+    ``training_step`` as the loss; costs two extra forward/backward passes).
 
     Example:
         >>> from lightning_gf import GradientFilterCallback
@@ -105,6 +109,7 @@ class GradientFilterCallbackBase:
         exclude: Optional[Sequence[str]] = None,
         stride_correction: bool = True,
         log_memory: bool = True,
+        fidelity_every_n_steps: int = 0,
     ) -> None:
         if isinstance(r, Mapping):
             for pattern, value in r.items():
@@ -113,6 +118,10 @@ class GradientFilterCallbackBase:
             _check_r_value(r, "r")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        if isinstance(fidelity_every_n_steps, bool) or not isinstance(fidelity_every_n_steps, int) or (
+            fidelity_every_n_steps < 0
+        ):
+            raise ValueError(f"fidelity_every_n_steps must be an int >= 0 (0 turns it off), got {fidelity_every_n_steps!r}")
         self.r = dict(r) if isinstance(r, Mapping) else r
         self.depth = depth
         self.freeze = freeze
@@ -121,6 +130,8 @@ class GradientFilterCallbackBase:
         self.exclude = list(exclude) if exclude is not None else None
         self.stride_correction = stride_correction
         self.log_memory = log_memory
+        self.fidelity_every_n_steps = fidelity_every_n_steps
+        self._fidelity_step = -1
         self.handle: Optional[GradientFilterHandle] = None
 
     def config(self) -> dict[str, Any]:
@@ -160,8 +171,16 @@ class GradientFilterCallbackBase:
         rank_zero_info(f"lightning_gf: {self.handle!r}")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.handle is not None:
-            self.handle.reset_stats()
+        if self.handle is None:
+            return
+        n, step = self.fidelity_every_n_steps, trainer.global_step
+        if n and step % n == 0 and step != self._fidelity_step and pl_module.automatic_optimization:
+            from lightning_gf.diagnostics import fidelity_with_handle, training_step_loss
+
+            self._fidelity_step = step
+            result = fidelity_with_handle(pl_module, batch, training_step_loss(batch_idx), self.handle)
+            pl_module.log_dict(result.metrics(), on_step=True, on_epoch=False, batch_size=1)
+        self.handle.reset_stats()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.handle is None or not self.log_memory:
