@@ -192,21 +192,16 @@ def fidelity_with_handle(
     if handle.removed:
         raise ValueError("the gradient filter handle was removed: install the filter again or pass r/depth instead")
     layers = handle.layers
-    saved_r = [layer.module.gf_r for layer in layers]  # type: ignore[attr-defined]
     saved_stats = [replace(layer.module.gf_stats) for layer in layers]  # type: ignore[attr-defined]
     with model_state_kept(model, train=train):
         rewind = rng_rewinder(model)
         try:
-            for layer in layers:
-                layer.module.gf_r = 1  # type: ignore[attr-defined]  # r = 1 runs the plain conv
-            exact_w, exact_x = _one_pass(model, batch, loss_fn, layers)
-            for layer, r in zip(layers, saved_r):
-                layer.module.gf_r = r  # type: ignore[attr-defined]
+            with handle.plain():  # r = 1: plain convs, plain lean modules
+                exact_w, exact_x = _one_pass(model, batch, loss_fn, layers)
             rewind()
             filtered_w, filtered_x = _one_pass(model, batch, loss_fn, layers)
         finally:
-            for layer, r, stats in zip(layers, saved_r, saved_stats):
-                layer.module.gf_r = r  # type: ignore[attr-defined]
+            for layer, stats in zip(layers, saved_stats):
                 layer.module.gf_stats = stats  # type: ignore[attr-defined]
     results = []
     for i, layer in enumerate(layers):

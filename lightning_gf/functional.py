@@ -205,6 +205,28 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
     return per_pair[:, :, None, None].expand(weight_shape)
 
 
+def _shared_pooled_input(x: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, bool]:
+    """The patch sums of ``x`` on this grid, computed once for every conv that reads ``x``.
+
+    Parallel branches that read one tensor (ASPP, Inception) then keep one pooled
+    copy between them, as plain convs keep one ``x`` between them. The copy hangs
+    off ``x`` itself (so it lives no longer than ``x``) and is recomputed if ``x``
+    changed in place. Returns the sums and whether this call made them.
+    """
+    key = (grid_h, grid_w)
+    if torch.compiler.is_compiling():
+        return pool_patches(x, grid_h, grid_w, on_input=True), True
+    cache = getattr(x, "_gf_pooled", None)
+    if cache is None or cache[0] != x._version:
+        cache = (x._version, {})
+        x._gf_pooled = cache  # type: ignore[attr-defined]
+    pooled = cache[1].get(key)
+    if pooled is not None:
+        return pooled, False
+    pooled = cache[1][key] = pool_patches(x, grid_h, grid_w, on_input=True)
+    return pooled, True
+
+
 def _call_stats(
     x: Tensor,
     weight: Tensor,
@@ -252,13 +274,16 @@ class _FilteredConv2dFunction(torch.autograd.Function):
         grid_h = AxisGrid.build(x.shape[2], y.shape[2], r, stride[0])
         grid_w = AxisGrid.build(x.shape[3], y.shape[3], r, stride[1])
         weight_needs_grad = ctx.needs_input_grad[1]
-        xs = pool_patches(x, grid_h, grid_w, on_input=True) if weight_needs_grad else None
+        xs, first_use = _shared_pooled_input(x, grid_h, grid_w) if weight_needs_grad else (None, True)
         ctx.save_for_backward(xs, weight)
         ctx.grids = (grid_h, grid_w)
         ctx.conf = (dilation, groups, r, stride[0] * stride[1] if stride_correction else 1)
         ctx.x_meta = (x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         if stats is not None:
-            stats.add(_call_stats(x, weight, y, xs, grid_h, grid_w, dilation, r, ctx.needs_input_grad))
+            call = _call_stats(x, weight, y, xs, grid_h, grid_w, dilation, r, ctx.needs_input_grad)
+            if not first_use:  # another filtered conv already keeps (and counted) this input
+                call.kept_bytes = call.vanilla_bytes = 0
+            stats.add(call)
         return y
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -43,13 +44,17 @@ class GradientFilterHandle:
         model: nn.Module,
         layers: list[FilteredLayer],
         frozen_parameters: list[str],
-        batchnorms: list[nn.Module],
+        swapped: list[nn.Module],
+        eval_batchnorms: list[nn.Module],
         requires_grad: dict[nn.Parameter, bool],
+        lean_modules: Optional[list[str]] = None,
     ) -> None:
         self.layers = layers
         self.frozen_parameters = frozen_parameters
+        self.lean_modules = lean_modules or []
         self._model = model
-        self._batchnorms = batchnorms
+        self._swapped = swapped
+        self._eval_batchnorms = eval_batchnorms
         self._requires_grad = requires_grad
         self.removed = False
 
@@ -65,16 +70,32 @@ class GradientFilterHandle:
         for layer in self.layers:
             layer.module.gf_stats.reset()  # type: ignore[attr-defined]
 
+    @contextmanager
+    def plain(self) -> Iterator[None]:
+        """Within the block every patched module computes as plain PyTorch would (``r = 1``).
+
+        Frozen parameters and BatchNorm eval mode stay: this is plain backprop with the
+        same trainable set, the baseline the filter is compared against.
+        """
+        patched = [m for m in self._swapped if "gf_r" in m.__dict__]
+        saved = [m.gf_r for m in patched]
+        try:
+            for m in patched:
+                m.gf_r = 1
+            yield
+        finally:
+            for m, r in zip(patched, saved):
+                m.gf_r = r
+
     def remove(self) -> None:
-        """Restore plain convs, BatchNorm train/eval behaviour and the ``requires_grad`` flags."""
+        """Restore plain modules, BatchNorm train/eval behaviour and the ``requires_grad`` flags."""
         if self.removed:
             return
-        for layer in self.layers:
-            restore_class(layer.module)
-            for attr in ("gf_r", "gf_stride_correction", "gf_stats"):
-                layer.module.__dict__.pop(attr, None)
-        for bn in self._batchnorms:
-            restore_class(bn)
+        for module in self._swapped:
+            restore_class(module)
+            for attr in [a for a in module.__dict__ if a.startswith("gf_")]:
+                del module.__dict__[attr]
+        for bn in self._eval_batchnorms:
             bn.training = self._model.training
         for param, flag in self._requires_grad.items():
             param.requires_grad_(flag)
@@ -87,8 +108,8 @@ class GradientFilterHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        rows = [f"GradientFilterHandle({len(self.layers)} filtered layers, {len(self.frozen_parameters)} frozen parameters"
-                + (", removed" if self.removed else "") + ")"]
+        rows = [f"GradientFilterHandle({len(self.layers)} filtered layers, {len(self.frozen_parameters)} frozen parameters, "
+                f"{len(self.lean_modules)} lean modules" + (", removed" if self.removed else "") + ")"]
         for layer in self.layers:
             m = layer.module
             rows.append(

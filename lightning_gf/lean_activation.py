@@ -65,15 +65,20 @@ def lean_dropout(x: Tensor, p: float, inplace: bool = False) -> Tensor:
     return _MaskedIdentityBackward.apply(x, out, keep, scale)
 
 
-def _wants_lean(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+def _wants_lean(module: Any, x: Tensor) -> bool:
+    return module.gf_r > 1 and torch.is_grad_enabled() and x.requires_grad
 
 
 class LeanReLUMixin(Swappable):
-    """Mixed into an ``nn.ReLU``: same output, a bit mask kept for backward."""
+    """Mixed into an ``nn.ReLU``: same output, a bit mask kept for backward.
+
+    ``gf_r == 1`` (see :meth:`GradientFilterHandle.plain`) runs the plain module.
+    """
+
+    gf_r: int
 
     def forward(self, input: Tensor) -> Tensor:
-        if not _wants_lean(input):
+        if not _wants_lean(self, input):
             return super().forward(input)  # type: ignore[misc]
         return lean_relu(input, self.inplace)  # type: ignore[attr-defined]
 
@@ -81,8 +86,10 @@ class LeanReLUMixin(Swappable):
 class LeanReLU6Mixin(Swappable):
     """Mixed into an ``nn.ReLU6``: same output, a bit mask kept for backward."""
 
+    gf_r: int
+
     def forward(self, input: Tensor) -> Tensor:
-        if not _wants_lean(input):
+        if not _wants_lean(self, input):
             return super().forward(input)  # type: ignore[misc]
         return lean_relu(input, self.inplace, upper=6.0)  # type: ignore[attr-defined]
 
@@ -90,8 +97,10 @@ class LeanReLU6Mixin(Swappable):
 class LeanDropoutMixin(Swappable):
     """Mixed into an ``nn.Dropout``: in training, the keep-mask is kept as bits."""
 
+    gf_r: int
+
     def forward(self, input: Tensor) -> Tensor:
         p = self.p  # type: ignore[attr-defined]
-        if not (self.training and 0.0 < p < 1.0 and _wants_lean(input)):  # type: ignore[attr-defined]
+        if not (self.training and 0.0 < p < 1.0 and _wants_lean(self, input)):  # type: ignore[attr-defined]
             return super().forward(input)  # type: ignore[misc]
         return lean_dropout(input, p, self.inplace)  # type: ignore[attr-defined]

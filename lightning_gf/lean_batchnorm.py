@@ -71,19 +71,20 @@ def lean_batch_norm(
     return _LeanBatchNormFunction.apply(x, mean, var, weight, bias, eps, r)
 
 
-def _is_timm_batchnorm_act(module: nn.Module) -> bool:
+def _is_timm_batchnorm_act(cls: type) -> bool:
+    """Whether ``cls`` runs timm's ``BatchNormAct2d.forward`` (batch norm, then drop, then act)."""
     try:
         from timm.layers.norm_act import BatchNormAct2d
     except ImportError:  # pragma: no cover - timm is optional
         return False
-    return type(module).forward is BatchNormAct2d.forward
+    return cls.forward is BatchNormAct2d.forward
 
 
 def lean_batchnorm_supported(module: nn.Module) -> bool:
     """A plain ``nn.BatchNorm2d`` or timm's ``BatchNormAct2d``, with running statistics."""
     if not isinstance(module, nn.BatchNorm2d) or module.running_mean is None:
         return False
-    return type(module).forward is nn.BatchNorm2d.forward or _is_timm_batchnorm_act(module)
+    return type(module).forward is nn.BatchNorm2d.forward or _is_timm_batchnorm_act(type(module))
 
 
 class LeanBatchNormMixin(Swappable):
@@ -93,10 +94,10 @@ class LeanBatchNormMixin(Swappable):
 
     def forward(self, input: Tensor) -> Tensor:
         bn: Any = self
-        if bn.training or not torch.is_grad_enabled() or input.dim() != 4:
+        if bn.training or self.gf_r == 1 or not torch.is_grad_enabled() or input.dim() != 4:
             return super().forward(input)  # type: ignore[misc]
         out = lean_batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, self.gf_r)
-        if _is_timm_batchnorm_act(bn):
+        if _is_timm_batchnorm_act(self._gf_base_class):
             out = bn.act(bn.drop(out))
         return out
 

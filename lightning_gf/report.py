@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -158,21 +159,15 @@ def _measure(
     """One forward with grad: bytes each layer saved, bytes the whole graph saved, and the
     (vanilla, filtered) backward multiply-adds of each layer."""
     modules = [layer.module for layer in handle.layers]
-    saved_r = [m.gf_r for m in modules]  # type: ignore[attr-defined]
     handle.reset_stats()
     try:
-        if vanilla:
-            for m in modules:
-                m.gf_r = 1  # type: ignore[attr-defined]
         meter = SavedTensorMeter([(layer.name, layer.module) for layer in handle.layers])
         meter.skip_parameters_of(model)
-        with torch.enable_grad(), meter:
+        with torch.enable_grad(), meter, (handle.plain() if vanilla else nullcontext()):
             out = call_model(model, example_input)
         del out
         stats = [(m.gf_stats.backward_macs_vanilla, m.gf_stats.backward_macs_filtered) for m in modules]  # type: ignore[attr-defined]
     finally:
-        for m, r in zip(modules, saved_r):
-            m.gf_r = r  # type: ignore[attr-defined]
         handle.reset_stats()
     return meter.layer_bytes, meter.total_bytes, stats
 
@@ -188,6 +183,7 @@ def layer_report(
     stride_correction: bool = True,
     freeze: bool = True,
     bn_eval: bool = True,
+    lean: bool = True,
     loss_fn: Optional[LossFn] = None,
     batch: Any = None,
     fidelity: bool = True,
@@ -203,7 +199,7 @@ def layer_report(
     Args:
         model: any ``nn.Module``.
         example_input: a model input (tensor, tuple of arguments or dict of keyword arguments).
-        r, depth, include, exclude, stride_correction, freeze, bn_eval: as in
+        r, depth, include, exclude, stride_correction, freeze, bn_eval, lean: as in
             :func:`lightning_gf.apply_gradient_filter`.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the fidelity; by default
             :func:`probe_loss` (a fixed random projection of the output).
@@ -223,7 +219,7 @@ def layer_report(
     with model_state_kept(model):
         handle = apply_gradient_filter(
             model, r, depth, example_input=example_input, freeze=freeze, bn_eval=bn_eval,
-            include=include, exclude=exclude, stride_correction=stride_correction,
+            include=include, exclude=exclude, stride_correction=stride_correction, lean=lean,
         )
         try:
             model.train(train)
@@ -267,6 +263,7 @@ def layer_report(
         "stride_correction": stride_correction,
         "freeze": freeze,
         "bn_eval": bn_eval,
+        "lean": lean,
         "train": train,
         "fidelity": fidelity,
     }

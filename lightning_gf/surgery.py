@@ -12,6 +12,8 @@ from torch import nn
 from lightning_gf.class_swap import is_swapped, swap_class
 from lightning_gf.filtered_conv import FilteredConvMixin, unsupported_reason
 from lightning_gf.frozen_batchnorm import EvalModeMixin
+from lightning_gf.lean_activation import LeanDropoutMixin, LeanReLU6Mixin, LeanReLUMixin
+from lightning_gf.lean_batchnorm import LeanBatchNormMixin, LeanEvalBatchNormMixin, lean_batchnorm_supported
 from lightning_gf.handle import FilteredLayer, GradientFilterHandle
 from lightning_gf.stats import FilterStats
 from lightning_gf.tracing import ModuleCalls, trace_calls
@@ -133,6 +135,25 @@ def _parameters_to_freeze(
     return [(names[p], p) for p, done in owners_done.items() if done]
 
 
+def _lean_mixin(module: nn.Module, bn_eval: bool) -> Optional[type]:
+    """The lean behaviour for a module of the trained region, if it has one."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not lean_batchnorm_supported(module):
+            return None
+        return LeanEvalBatchNormMixin if bn_eval else LeanBatchNormMixin
+    kinds = {nn.ReLU: LeanReLUMixin, nn.ReLU6: LeanReLU6Mixin, nn.Dropout: LeanDropoutMixin}
+    return kinds.get(type(module))  # exact types: subclasses may change forward
+
+
+def _region_r(first_start: int, chosen_starts: list[tuple[int, int]]) -> int:
+    """The ``r`` of the last filtered conv that started before ``first_start``."""
+    r = chosen_starts[0][1]
+    for start, layer_r in chosen_starts:
+        if start < first_start:
+            r = layer_r
+    return r
+
+
 def apply_gradient_filter(
     model: nn.Module,
     r: RSpec = 2,
@@ -144,6 +165,7 @@ def apply_gradient_filter(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     stride_correction: bool = True,
+    lean: bool = True,
 ) -> GradientFilterHandle:
     """Filter the gradients of the last ``depth`` Conv2d layers of ``model``, in place.
 
@@ -165,6 +187,9 @@ def apply_gradient_filter(
         include: fnmatch patterns; only matching convs may be filtered.
         exclude: fnmatch patterns; matching convs are never filtered.
         stride_correction: see :func:`lightning_gf.functional.filtered_conv2d`.
+        lean: between the first filtered conv and the output, let BatchNorm2d (eval
+            mode) keep only patch sums of its input, and ReLU, ReLU6 and Dropout keep
+            bit-packed masks (see ``docs/memory.md``: what stays exact, what does not).
 
     Returns:
         A :class:`GradientFilterHandle`; ``handle.remove()`` undoes everything.
@@ -206,19 +231,38 @@ def apply_gradient_filter(
             param.requires_grad_(False)
             frozen.append(name)
 
-    layers = []
+    layers, swapped = [], []
     for name, conv, layer_r, out_size in chosen:
         swap_class(conv, FilteredConvMixin)
         conv.gf_r = layer_r
         conv.gf_stride_correction = stride_correction
         conv.gf_stats = FilterStats()
         layers.append(FilteredLayer(name=name, module=conv, r=layer_r, out_size=out_size))
+        swapped.append(conv)
 
-    batchnorms: list[nn.Module] = []
+    lean_names: list[str] = []
+    if lean:
+        starts = sorted((calls[name].first_start, layer_r) for name, _, layer_r, _ in chosen)
+        for name, module in model.named_modules():
+            record = calls.get(name)
+            if record is None or record.first_start <= starts[0][0] or is_swapped(module):
+                continue
+            mixin = _lean_mixin(module, bn_eval)
+            region_r = _region_r(record.first_start, starts)
+            if mixin is None or region_r == 1:
+                continue
+            swap_class(module, mixin)
+            module.gf_r = region_r
+            swapped.append(module)
+            lean_names.append(name)
+
+    eval_batchnorms: list[nn.Module] = []
     if bn_eval:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                swap_class(module, EvalModeMixin)
+                if not is_swapped(module):
+                    swap_class(module, EvalModeMixin)
+                    swapped.append(module)
                 module.training = False
-                batchnorms.append(module)
-    return GradientFilterHandle(model, layers, frozen, batchnorms, requires_grad)
+                eval_batchnorms.append(module)
+    return GradientFilterHandle(model, layers, frozen, swapped, eval_batchnorms, requires_grad, lean_names)

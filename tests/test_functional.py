@@ -183,3 +183,34 @@ def test_double_backward_is_refused():
 def test_bad_r_is_refused(bad):
     with pytest.raises(ValueError, match="r must be an int >= 1"):
         filtered_conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3), r=bad)
+
+
+def test_parallel_branches_share_one_pooled_copy():
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    w1 = torch.randn(3, 4, 1, 1, requires_grad=True)
+    w2 = torch.randn(3, 4, 3, 3, requires_grad=True)
+    h = x * 1.0  # a non-leaf tensor read by two branches, like ASPP's input
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = filtered_conv2d(h, w1, r=2) + filtered_conv2d(h, w2, padding=4, dilation=4, r=2)
+    pooled = {t.untyped_storage().data_ptr() for t in kept if t.shape == (2, 4, 6, 6)}
+    assert len(pooled) == 1
+    y.sum().backward()
+    # the same gradients as two independent calls
+    grads = [t.grad.clone() for t in (x, w1, w2)]
+    for t in (x, w1, w2):
+        t.grad = None
+    (filtered_conv2d(x * 1.0, w1, r=2) + filtered_conv2d(x * 1.0, w2, padding=4, dilation=4, r=2)).sum().backward()
+    for got, t in zip(grads, (x, w1, w2)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_pooled_copy_is_recomputed_after_in_place_change():
+    h = torch.randn(1, 2, 8, 8)
+    w = torch.randn(2, 2, 1, 1, requires_grad=True)
+    filtered_conv2d(h, w, r=2).sum().backward()
+    first = w.grad.clone()
+    w.grad = None
+    h.mul_(2)
+    filtered_conv2d(h, w, r=2).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * first)

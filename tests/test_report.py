@@ -32,7 +32,7 @@ def test_layer_report_numbers_match_hand_computed_values():
     net = _net()
     x = torch.randn(2, 3, 16, 16)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    report = layer_report(net, x, r=2, depth=2)
+    report = layer_report(net, x, r=2, depth=2, lean=False)
 
     n, patches = 2, 4 * 4  # 8x8 output maps, 2x2 patches
     conv, point = report.rows
