@@ -238,32 +238,38 @@ def test_smp_model_with_aux_head_returning_a_tuple():
     assert not torch.equal(module.net.segmentation_head[0].weight, head)
 
 
-class _Configured(pl.LightningModule):
-    """Builds its layers in configure_model (Lightning calls it after the callbacks' setup)."""
+def _configured_class(base):
+    class Configured(base):
+        """Builds its layers in configure_model (Lightning calls it after the callbacks' setup)."""
 
-    def __init__(self, idempotent: bool = True) -> None:
-        super().__init__()
-        self.idempotent = idempotent
-        self.model = None
-        self.example_input_array = torch.zeros(1, 3, 16, 16)
+        def __init__(self, idempotent: bool = True) -> None:
+            super().__init__()
+            self.idempotent = idempotent
+            self.model = None
+            self.example_input_array = torch.zeros(1, 3, 16, 16)
 
-    def configure_model(self):
-        if self.idempotent and self.model is not None:
-            return
-        self.model = TinyCNN()
+        def configure_model(self):
+            if self.idempotent and self.model is not None:
+                return
+            self.model = TinyCNN()
 
-    def forward(self, x):
-        return self.model(x)
+        def forward(self, x):
+            return self.model(x)
 
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
 
-    def configure_optimizers(self):
-        self.optimized = [n for n, p in self.named_parameters() if p.requires_grad]
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+        def configure_optimizers(self):
+            self.optimized = [n for n, p in self.named_parameters() if p.requires_grad]
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 3), batch_size=4)
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 3), batch_size=4)
+
+    return Configured
+
+
+_Configured = _configured_class(pl.LightningModule)
 
 
 def test_model_built_in_configure_model_is_filtered():
@@ -277,3 +283,22 @@ def test_model_built_in_configure_model_is_filtered():
 def test_configure_model_that_rebuilds_the_layers_is_refused():
     with pytest.raises(RuntimeError, match=r"no longer in the model.*configure_model.*return early"):
         _fit(_Configured(idempotent=False), [GradientFilterCallback(r=2, depth=2)])
+
+
+def test_configure_model_with_the_lightning_namespace():
+    import lightning.pytorch as L
+
+    from lightning_gf.lightning import GradientFilterCallback as LCallback
+
+    module = _configured_class(L.LightningModule)()
+    seen = set()
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.update(n for n, m in pl_module.named_modules() if is_swapped(m) and isinstance(m, nn.Conv2d))
+
+    L.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, callbacks=[LCallback(r=2, depth=2), Probe()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module)
+    assert seen == {"model.block.0", "model.last.0"} and "model.stem.0.weight" not in module.optimized
