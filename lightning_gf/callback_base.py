@@ -15,11 +15,45 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_gf.class_swap import is_swapped
+from lightning_gf.frozen_batchnorm import EvalModeMixin
+from lightning_gf.frozen_bn_stats import FrozenBatchNormStats
 from lightning_gf.handle import GradientFilterHandle
 from lightning_gf.surgery import _check_r_value, apply_gradient_filter
 
 _INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 _MIB = 2**20
+_SHARDED_STRATEGIES = {
+    "FSDPStrategy": "FSDP",
+    "DeepSpeedStrategy": "DeepSpeed",
+    "ModelParallelStrategy": "ModelParallelStrategy (FSDP2 / tensor parallel)",
+}
+
+
+def refuse_sharded_strategy(strategy: Any) -> None:
+    """Raise a clear error for the strategies the filter is not known to work with.
+
+    Example:
+        >>> class FSDPStrategy: ...
+        >>> refuse_sharded_strategy(FSDPStrategy())
+        Traceback (most recent call last):
+        ...
+        RuntimeError: GradientFilterCallback does not support FSDP: ...
+    """
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in _SHARDED_STRATEGIES:
+            raise RuntimeError(
+                f"GradientFilterCallback does not support {_SHARDED_STRATEGIES[cls.__name__]}: sharded parameters "
+                "are untested with the filtered conv. Gradient filtering is meant for models that fit one device: "
+                "use strategy='ddp' (or a single device); see docs/reliability.md"
+            )
+
+
+def _overrides_configure_model(pl_module: Any) -> bool:
+    for cls in type(pl_module).__mro__:
+        if "configure_model" in cls.__dict__:
+            return not cls.__module__.startswith(("pytorch_lightning.", "lightning."))
+    return False
 
 
 @contextmanager
@@ -80,7 +114,9 @@ class GradientFilterCallbackBase:
 
     The filter is installed in ``setup('fit')`` (before optimizers and DDP), from
     ``pl_module.example_input_array`` or else the first training batch, and removed
-    in ``teardown``. Every training step logs ``gf/activation_mb``,
+    in ``teardown``. A module that builds its layers in ``configure_model`` gets that
+    hook called first (Lightning requires it to be idempotent). FSDP, DeepSpeed and
+    ``ModelParallelStrategy`` are refused with a clear error. Every training step logs ``gf/activation_mb``,
     ``gf/activation_mb_vanilla``, ``gf/memory_saved_mb`` (MiB, read off the tensors
     kept for backward) and ``gf/backward_gflops_saved`` (analytic).
 
@@ -133,6 +169,7 @@ class GradientFilterCallbackBase:
         self.fidelity_every_n_steps = fidelity_every_n_steps
         self._fidelity_step = -1
         self.handle: Optional[GradientFilterHandle] = None
+        self._bn_stats: Optional[FrozenBatchNormStats] = None
 
     def config(self) -> dict[str, Any]:
         """The options this callback was built with."""
@@ -149,6 +186,10 @@ class GradientFilterCallbackBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.handle is not None:
             return
+        refuse_sharded_strategy(trainer.strategy)
+        if _overrides_configure_model(pl_module):
+            # Lightning calls it right after setup; the layers must exist now, before optimizers and DDP.
+            pl_module.configure_model()
         example = pl_module.example_input_array
         if example is None:
             example = _first_training_input(trainer, pl_module)
@@ -170,9 +211,30 @@ class GradientFilterCallbackBase:
         )
         rank_zero_info(f"lightning_gf: {self.handle!r}")
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.handle is None:
+            return
+        present = {id(m) for m in pl_module.modules()}
+        lost = [layer.name for layer in self.handle.layers if id(layer.module) not in present]
+        if lost:
+            raise RuntimeError(
+                f"the filtered layers {lost} are no longer in the model: something rebuilt them after "
+                "GradientFilterCallback.setup (e.g. a configure_model that is not idempotent). Make configure_model "
+                "return early when the layers exist (`if self.model is not None: return`)"
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.handle is not None:
+            self._bn_stats = FrozenBatchNormStats([m for m in pl_module.modules() if is_swapped(m, EvalModeMixin)])
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.handle is None:
             return
+        if self._bn_stats is not None and self._bn_stats.restore_replaced():
+            rank_zero_info(
+                "lightning_gf: put back the frozen BatchNorm statistics (bn_eval=True) that another callback "
+                "replaced (StochasticWeightAveraging resets them before re-estimating, which eval mode cannot do)"
+            )
         n, step = self.fidelity_every_n_steps, trainer.global_step
         if n and step % n == 0 and step != self._fidelity_step and pl_module.automatic_optimization:
             from lightning_gf.diagnostics import fidelity_with_handle, training_step_loss
@@ -202,6 +264,7 @@ class GradientFilterCallbackBase:
         if stage == "fit" and self.handle is not None:
             self.handle.remove()
             self.handle = None
+            self._bn_stats = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.config()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
 from lightning_gf.stats import FilterStats
 
@@ -20,6 +21,12 @@ IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+_NO_DOUBLE_BACKWARD = (
+    "lightning_gf: a filtered conv has no double backward (its backward is an approximation, computed once), "
+    "so a second-order gradient (create_graph=True, e.g. a gradient penalty or MAML) cannot pass through it. "
+    "Leave that layer unfiltered (exclude=[...] or r=1 for it) or remove the filter for that computation."
+)
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
@@ -287,7 +294,7 @@ class _FilteredConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(_NO_DOUBLE_BACKWARD)
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
         xs, weight = ctx.saved_tensors
         grid_h, grid_w = ctx.grids
