@@ -144,6 +144,7 @@ class GradientFilterCallbackBase:
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         stride_correction: bool = True,
+        lean: bool = True,
         log_memory: bool = True,
         fidelity_every_n_steps: int = 0,
     ) -> None:
@@ -165,6 +166,7 @@ class GradientFilterCallbackBase:
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.stride_correction = stride_correction
+        self.lean = lean
         self.log_memory = log_memory
         self.fidelity_every_n_steps = fidelity_every_n_steps
         self._fidelity_step = -1
@@ -181,6 +183,7 @@ class GradientFilterCallbackBase:
             "include": self.include,
             "exclude": self.exclude,
             "stride_correction": self.stride_correction,
+            "lean": self.lean,
         }
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -208,6 +211,7 @@ class GradientFilterCallbackBase:
             include=self.include,
             exclude=self.exclude,
             stride_correction=self.stride_correction,
+            lean=self.lean,
         )
         rank_zero_info(f"lightning_gf: {self.handle!r}")
 

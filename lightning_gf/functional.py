@@ -36,6 +36,13 @@ def _pair(value: IntPair, name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _pair_or_zero(value: IntPair) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+        raise ValueError(f"padding must be 'same', 'valid', a non-negative int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
@@ -262,62 +269,125 @@ def _call_stats(
     )
 
 
-class _FilteredConv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Optional[Tensor],
-        stride: tuple[int, int],
-        padding: Padding,
-        dilation: tuple[int, int],
-        groups: int,
-        r: int,
-        stride_correction: bool,
-        stats: Optional[FilterStats],
-    ) -> Tensor:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        grid_h = AxisGrid.build(x.shape[2], y.shape[2], r, stride[0])
-        grid_w = AxisGrid.build(x.shape[3], y.shape[3], r, stride[1])
-        weight_needs_grad = ctx.needs_input_grad[1]
-        xs, first_use = _shared_pooled_input(x, grid_h, grid_w) if weight_needs_grad else (None, True)
-        ctx.save_for_backward(xs, weight)
-        ctx.grids = (grid_h, grid_w)
-        ctx.conf = (dilation, groups, r, stride[0] * stride[1] if stride_correction else 1)
-        ctx.x_meta = (x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        if stats is not None:
-            call = _call_stats(x, weight, y, xs, grid_h, grid_w, dilation, r, ctx.needs_input_grad)
-            if not first_use:  # another filtered conv already keeps (and counted) this input
-                call.kept_bytes = call.vanilla_bytes = 0
-            stats.add(call)
-        return y
+def _output_size(
+    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: list[int], padding_str: str, dilation: tuple[int, int]
+) -> tuple[int, int]:
+    """The conv's output map size, without running it ('same' needs stride 1)."""
+    if padding_str == "same":
+        return x.shape[2], x.shape[3]
+    h, w = (
+        (x.shape[2 + a] + 2 * padding[a] - dilation[a] * (weight.shape[2 + a] - 1) - 1) // stride[a] + 1
+        for a in range(2)
+    )
+    return h, w
 
-    @staticmethod
-    @once_differentiable(_NO_DOUBLE_BACKWARD)
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        xs, weight = ctx.saved_tensors
-        grid_h, grid_w = ctx.grids
-        dilation, groups, r, stride_scale = ctx.conf
-        x_dtype, channels_last = ctx.x_meta
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gbar = _patch_means(grad_out, grid_h, grid_w)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            low = _low_res_input_grad(gbar, weight, r, dilation, groups)
-            if stride_scale != 1:
-                low = low / stride_scale
-            grad_x = _upsample_to_input(low, grid_h, grid_w).to(x_dtype)
-            if channels_last:
-                grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-        if need_w:
-            grad_w = _weight_grad(gbar, xs, weight.shape, groups)
-            if stride_scale != 1:
-                grad_w = grad_w / stride_scale
-            grad_w = grad_w.to(weight.dtype).contiguous()
-        if need_b:  # exact: the patch means weighted by their cell counts sum to sum(g_y)
-            grad_b = (gbar * _patch_counts(grid_h, grid_w, gbar)).sum((0, 2, 3)).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+@torch.library.custom_op("lightning_gf::filtered_conv2d", mutates_args=())
+def _filtered_conv2d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pooled: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    padding_str: str,
+    dilation: list[int],
+    groups: int,
+    r: int,
+    stride_correction: bool,
+) -> Tensor:
+    """The conv itself; ``pooled`` (the patch sums of ``x``) only travels to backward."""
+    return F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
+
+
+@_filtered_conv2d_op.register_fake
+def _(x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r, stride_correction):  # type: ignore[no-untyped-def]
+    return F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
+
+
+@torch.library.custom_op("lightning_gf::filtered_conv2d_backward", mutates_args=())
+def _filtered_conv2d_backward_op(
+    grad_out: Tensor,
+    pooled: Optional[Tensor],
+    weight: Tensor,
+    x_size: list[int],
+    x_dtype: torch.dtype,
+    channels_last: bool,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    r: int,
+    stride_scale: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g_x, g_w, g_b)`` of the filtered conv; an empty tensor for each one not needed."""
+    grid_h = AxisGrid.build(x_size[2], grad_out.shape[2], r, stride[0])
+    grid_w = AxisGrid.build(x_size[3], grad_out.shape[3], r, stride[1])
+    gbar = _patch_means(grad_out, grid_h, grid_w)
+    grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
+    if need_x:
+        low = _low_res_input_grad(gbar, weight, r, (dilation[0], dilation[1]), groups)
+        if stride_scale != 1:
+            low = low / stride_scale
+        grad_x = _upsample_to_input(low, grid_h, grid_w).to(x_dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        grad_x = grad_x.contiguous(memory_format=fmt)
+    if need_w:
+        assert pooled is not None, "the pooled input is kept whenever the weight needs a gradient"
+        grad_w = _weight_grad(gbar, pooled, weight.shape, groups)
+        if stride_scale != 1:
+            grad_w = grad_w / stride_scale
+        grad_w = grad_w.to(weight.dtype).contiguous()
+    if need_b:  # exact: the patch means weighted by their cell counts sum to sum(g_y)
+        grad_b = (gbar * _patch_counts(grid_h, grid_w, gbar)).sum((0, 2, 3)).to(weight.dtype)
+    return grad_x, grad_w, grad_b
+
+
+@_filtered_conv2d_backward_op.register_fake
+def _(grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r, stride_scale,
+      need_x, need_w, need_b):  # type: ignore[no-untyped-def]
+    grad_x = grad_out.new_empty(0, dtype=x_dtype)
+    if need_x:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        grad_x = torch.empty(x_size, dtype=x_dtype, device=grad_out.device, memory_format=fmt)
+    grad_w = weight.new_empty(weight.shape if need_w else (0,))
+    grad_b = weight.new_empty((weight.shape[0],) if need_b else (0,))
+    return grad_x, grad_w, grad_b
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, _, pooled, stride, _, _, dilation, groups, r, stride_correction = inputs
+    ctx.save_for_backward(pooled, weight)
+    ctx.x_meta = (list(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    ctx.conf = (list(stride), list(dilation), groups, r, stride[0] * stride[1] if stride_correction else 1)
+
+
+@once_differentiable(_NO_DOUBLE_BACKWARD)
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+    pooled, weight = ctx.saved_tensors
+    x_size, x_dtype, channels_last = ctx.x_meta
+    stride, dilation, groups, r, stride_scale = ctx.conf
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = _filtered_conv2d_backward_op(
+        grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r, stride_scale,
+        need_x, need_w, need_b,
+    )
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 8
+
+
+_filtered_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Cast as autocast casts ``conv2d``'s inputs (custom ops are not autocast by themselves)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias)]
+    return cast[0], cast[1], cast[2]  # type: ignore[return-value]
 
 
 def filtered_conv2d(
@@ -363,6 +433,24 @@ def filtered_conv2d(
     dilation_pair = _pair(dilation, "dilation")
     if r == 1:
         return F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
-    return _FilteredConv2dFunction.apply(
-        input, weight, bias, stride_pair, padding, dilation_pair, groups, r, stride_correction, _stats
+    if isinstance(padding, str):
+        padding_list, padding_str = [0, 0], padding
+    else:
+        padding_list, padding_str = list(_pair_or_zero(padding)), ""
+    grad_on = torch.is_grad_enabled()
+    need_w = grad_on and weight.requires_grad
+    out_h, out_w = _output_size(input, weight, stride_pair, padding_list, padding_str, dilation_pair)
+    grid_h = AxisGrid.build(input.shape[2], out_h, r, stride_pair[0])
+    grid_w = AxisGrid.build(input.shape[3], out_w, r, stride_pair[1])
+    pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
+    x, w, b = _autocast_inputs(input, weight, bias)
+    y = _filtered_conv2d_op(
+        x, w, b, pooled, list(stride_pair), padding_list, padding_str, list(dilation_pair), groups, r, stride_correction
     )
+    if _stats is not None and not torch.compiler.is_compiling():
+        call = _call_stats(input, weight, y, pooled, grid_h, grid_w, dilation_pair, r,
+                           (grad_on and input.requires_grad, need_w))
+        if not first_use:  # another filtered conv already keeps (and counted) this input
+            call.kept_bytes = call.vanilla_bytes = 0
+        _stats.add(call)
+    return y

@@ -66,7 +66,8 @@ def lean_dropout(x: Tensor, p: float, inplace: bool = False) -> Tensor:
 
 
 def _wants_lean(module: Any, x: Tensor) -> bool:
-    return module.gf_r > 1 and torch.is_grad_enabled() and x.requires_grad
+    # Under torch.compile the plain module runs: the compiler plans that memory itself.
+    return module.gf_r > 1 and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
 
 
 class LeanReLUMixin(Swappable):

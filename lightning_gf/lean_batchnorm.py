@@ -18,42 +18,92 @@ from torch import Tensor, nn
 
 from lightning_gf.class_swap import Swappable
 from lightning_gf.frozen_batchnorm import EvalModeMixin
-from lightning_gf.functional import _patch_counts, _patch_means, pool_patches
+from lightning_gf.functional import (
+    _NO_DOUBLE_BACKWARD,
+    _accumulation_dtype,
+    _patch_counts,
+    _patch_means,
+    pool_patches,
+)
+from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
 
 
-class _LeanBatchNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-        eps: float, r: int,
-    ) -> Tensor:
-        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        grids = (AxisGrid.build(x.shape[2], x.shape[2], r, 1), AxisGrid.build(x.shape[3], x.shape[3], r, 1))
-        pooled = pool_patches(x, *grids, on_input=True) if ctx.needs_input_grad[3] else None
-        ctx.save_for_backward(pooled, mean, var, weight)
-        ctx.grids, ctx.eps = grids, eps
-        return y
+def _grids(x_shape: Any, r: int) -> tuple[AxisGrid, AxisGrid]:
+    return AxisGrid.build(x_shape[2], x_shape[2], r, 1), AxisGrid.build(x_shape[3], x_shape[3], r, 1)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        pooled, mean, var, weight = ctx.saved_tensors
-        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-        invstd = torch.rsqrt(var.float() + ctx.eps)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            scale = invstd if weight is None else weight.float() * invstd
-            grad_x = grad * scale.to(grad.dtype)[:, None, None]
-        if need_w or need_b:
-            gbar = _patch_means(grad, *ctx.grids)
-            counts = _patch_counts(*ctx.grids, gbar)
-            if need_b:
-                grad_b = (gbar * counts).sum((0, 2, 3)).to(grad.dtype)
-            if need_w:
-                centred = pooled - counts * mean.float()[:, None, None]
-                grad_w = ((gbar * centred).sum((0, 2, 3)) * invstd).to(weight.dtype)
-        return grad_x, None, None, grad_w, grad_b, None, None
+
+@torch.library.custom_op("lightning_gf::lean_batch_norm", mutates_args=())
+def _lean_batch_norm_op(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, r: int,
+    pool: bool,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm, and the patch sums of ``x`` when ``pool`` (else an empty tensor)."""
+    y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    pooled = pool_patches(x, *_grids(x.shape, r), on_input=True) if pool else x.new_empty(0)
+    return y, pooled
+
+
+@_lean_batch_norm_op.register_fake
+def _(x, mean, var, weight, bias, eps, r, pool):  # type: ignore[no-untyped-def]
+    grid_h, grid_w = _grids(x.shape, r)
+    shape = (x.shape[0], x.shape[1], grid_h.patches, grid_w.patches) if pool else (0,)
+    return torch.empty_like(x), x.new_empty(shape, dtype=_accumulation_dtype(x.dtype) if pool else x.dtype)
+
+
+@torch.library.custom_op("lightning_gf::lean_batch_norm_backward", mutates_args=())
+def _lean_batch_norm_backward_op(
+    grad: Tensor, pooled: Optional[Tensor], mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float, r: int,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g_x, g_weight, g_bias)``; an empty tensor for each one not needed."""
+    invstd = torch.rsqrt(var.float() + eps)
+    grad_x, grad_w, grad_b = (grad.new_empty(0) for _ in range(3))
+    if need_x:
+        scale = invstd if weight is None else weight.float() * invstd
+        grad_x = grad * scale.to(grad.dtype)[:, None, None]
+    if need_w or need_b:
+        grids = _grids(grad.shape, r)
+        gbar = _patch_means(grad, *grids)
+        counts = _patch_counts(*grids, gbar)
+        param_dtype = mean.dtype if weight is None else weight.dtype
+        if need_b:  # exact
+            grad_b = (gbar * counts).sum((0, 2, 3)).to(param_dtype)
+        if need_w:
+            assert pooled is not None and weight is not None
+            centred = pooled - counts * mean.float()[:, None, None]
+            grad_w = ((gbar * centred).sum((0, 2, 3)) * invstd).to(param_dtype)
+    return grad_x, grad_w, grad_b
+
+
+@_lean_batch_norm_backward_op.register_fake
+def _(grad, pooled, mean, var, weight, eps, r, need_x, need_w, need_b):  # type: ignore[no-untyped-def]
+    channels = (mean.shape[0],)
+    return (
+        torch.empty_like(grad) if need_x else grad.new_empty(0),
+        mean.new_empty(channels if need_w else (0,)),
+        mean.new_empty(channels if need_b else (0,)),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, mean, var, weight, _, eps, r, pool = inputs
+    ctx.save_for_backward(output[1] if pool else None, mean, var, weight)
+    ctx.eps, ctx.r = eps, r
+
+
+@once_differentiable(_NO_DOUBLE_BACKWARD)
+def _backward(ctx: Any, grad: Tensor, _grad_pooled: Any) -> tuple[Any, ...]:
+    pooled, mean, var, weight = ctx.saved_tensors
+    need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+    grad_x, grad_w, grad_b = _lean_batch_norm_backward_op(
+        grad, pooled, mean, var, weight, ctx.eps, ctx.r, need_x, need_w, need_b
+    )
+    return (grad_x if need_x else None, None, None, grad_w if need_w else None, grad_b if need_b else None,
+            None, None, None)
+
+
+_lean_batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lean_batch_norm(
@@ -68,7 +118,8 @@ def lean_batch_norm(
         >>> torch.equal(y, F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
         True
     """
-    return _LeanBatchNormFunction.apply(x, mean, var, weight, bias, eps, r)
+    pool = torch.is_grad_enabled() and weight is not None and weight.requires_grad
+    return _lean_batch_norm_op(x, mean, var, weight, bias, eps, r, pool)[0]
 
 
 def _is_timm_batchnorm_act(cls: type) -> bool:
