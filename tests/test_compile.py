@@ -42,3 +42,4 @@ def test_compiles_in_one_graph_with_eager_gradients(lean):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    dynamo.reset()
