@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo install clean
+.PHONY: test demo bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m lightning_gf.demo
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

@@ -47,20 +47,6 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _avg_pool_fits(size: int, kernel: int, before: int, patches: int) -> bool:
-    """Whether ``avg_pool2d(ceil_mode=True, padding=before)`` yields exactly our patches."""
-    if before < 0 or before > kernel // 2:
-        return False
-    out = -((-(size + 2 * before - kernel)) // kernel) + 1
-    if (out - 1) * kernel >= size + before:
-        out -= 1
-    return out == patches
-
-
-def _tiles_exactly(t: Tensor, kh: int, kw: int, before_h: int, before_w: int, ph: int, pw: int) -> bool:
-    return before_h == 0 and before_w == 0 and t.shape[2] == ph * kh and t.shape[3] == pw * kw
-
-
 def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
     """Sum over non-overlapping ``kh x kw`` tiles of a map they tile exactly.
 
@@ -98,19 +84,10 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
     t = t.to(_accumulation_dtype(t.dtype))
-    if _tiles_exactly(t, size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches):
-        return _sum_tiles(t, size_h, size_w)
-    if _avg_pool_fits(t.shape[2], size_h, before_h, grid_h.patches) and _avg_pool_fits(
-        t.shape[3], size_w, before_w, grid_w.patches
-    ):
-        return F.avg_pool2d(
-            t, (size_h, size_w), (size_h, size_w), (before_h, before_w), ceil_mode=True, divisor_override=1
-        )
     pads = (before_w, after_w, before_h, after_h)
-    if any(pads):
+    if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)
         t = F.pad(t, pads)
-    n, c = t.shape[:2]
-    return t.reshape(n, c, grid_h.patches, size_h, grid_w.patches, size_w).sum((3, 5))
+    return _sum_tiles(t, size_h, size_w)
 
 
 def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
@@ -121,16 +98,10 @@ def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
 
 def _patch_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
     """Mean of ``grad_out`` over the valid cells of each output patch (one pass)."""
-    g = grad_out.to(_accumulation_dtype(grad_out.dtype))
-    r_h, r_w = grid_h.r, grid_w.r
-    if _tiles_exactly(g, r_h, r_w, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches):
-        return _sum_tiles(g, r_h, r_w).div_(r_h * r_w)
-    if _avg_pool_fits(g.shape[2], r_h, grid_h.out_before, grid_h.patches) and _avg_pool_fits(
-        g.shape[3], r_w, grid_w.out_before, grid_w.patches
-    ):
-        r = (r_h, r_w)
-        return F.avg_pool2d(g, r, r, (grid_h.out_before, grid_w.out_before), ceil_mode=True, count_include_pad=False)
-    return pool_patches(g, grid_h, grid_w, on_input=False) / _patch_counts(grid_h, grid_w, g)
+    sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
+    if grid_h.out_before == grid_h.out_after == grid_w.out_before == grid_w.out_after == 0:
+        return sums.div_(grid_h.r * grid_w.r)  # every patch is full
+    return sums.div_(_patch_counts(grid_h, grid_w, sums))
 
 
 def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
