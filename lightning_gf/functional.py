@@ -137,6 +137,15 @@ def _call_stats(
     )
 
 
+def _plain_call_stats(x: Tensor, weight: Tensor, y: Tensor) -> FilterStats:
+    """``r = 1`` (plain backprop): the conv keeps its input when its weight trains."""
+    kept = x.numel() * x.element_size() if weight.requires_grad else 0
+    taps = weight.shape[2] * weight.shape[3]
+    macs = x.shape[0] * weight.shape[0] * weight.shape[1] * taps * y.shape[2] * y.shape[3]
+    macs *= int(x.requires_grad) + int(weight.requires_grad)
+    return FilterStats(kept_bytes=kept, vanilla_bytes=kept, backward_macs_vanilla=macs, backward_macs_filtered=macs)
+
+
 class _FilteredConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -234,7 +243,10 @@ def filtered_conv2d(
     stride_pair = _pair(stride, "stride")
     dilation_pair = _pair(dilation, "dilation")
     if r == 1:
-        return F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
+        out = F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
+        if _stats is not None and torch.is_grad_enabled():
+            _stats.add(_plain_call_stats(input, weight, out))
+        return out
     return _FilteredConv2dFunction.apply(
         input, weight, bias, stride_pair, padding, dilation_pair, groups, r, stride_correction, _stats
     )
