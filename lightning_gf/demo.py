@@ -1,7 +1,7 @@
 """The demo: vanilla backprop and gradient filtering side by side on the embedded data.
 
-    python -m lightning_gf.demo                      # classification, timm resnet18
-    python -m lightning_gf.demo --task segmentation  # smp FPN, resnet18 encoder
+    python -m lightning_gf.demo                      # classification, timm test_resnet
+    python -m lightning_gf.demo --task segmentation  # smp FPN over the same timm encoder
     python -m lightning_gf.demo --quick              # a reduced run (seconds), as the tests use
 
 1. Pretrains the whole network briefly on the ``pretrain`` split of the generated shapes
@@ -38,13 +38,13 @@ class DemoConfig:
     """Everything a demo run depends on (the cached checkpoint's name includes the pretraining part)."""
 
     task: str = "classification"
-    model: str = "resnet18"
+    model: str = "test_resnet"
     arch: str = "FPN"
-    image_size: int = 96
-    pretrain_size: int = 1536
-    pretrain_epochs: int = 4
-    finetune_size: int = 512
-    finetune_epochs: int = 3
+    image_size: int = 64
+    pretrain_size: int = 4096
+    pretrain_epochs: int = 5
+    finetune_size: int = 1024
+    finetune_epochs: int = 4
     val_size: int = 256
     batch_size: int = 32
     depth: int = 4
@@ -87,8 +87,8 @@ class RunResult:
 def _module(cfg: DemoConfig, checkpoint: Optional[str], lr: float, optimizer: str) -> pl.LightningModule:
     if cfg.task == "classification":
         return ImageClassifier(cfg.model, num_classes=8, checkpoint_path=checkpoint, optimizer=optimizer, lr=lr,
-                               warmup_ratio=0.1)
-    return SemanticSegmenter(cfg.arch, cfg.model, num_classes=9, checkpoint_path=checkpoint, optimizer=optimizer,
+                               momentum=0.9, warmup_ratio=0.1)
+    return SemanticSegmenter(cfg.arch, f"tu-{cfg.model}", num_classes=9, checkpoint_path=checkpoint, optimizer=optimizer,
                              lr=lr, momentum=0.9, warmup_ratio=0.1)
 
 
@@ -112,7 +112,7 @@ def pretrain(cfg: DemoConfig, out: str) -> str:
     print(f"[1/3] pretraining {cfg.model} on the 'pretrain' split ({cfg.pretrain_size} images, "
           f"{cfg.pretrain_epochs} epochs); cached as {path}")
     pl.seed_everything(cfg.seed, verbose=False)
-    module = _module(cfg, None, lr=2e-3, optimizer="adamw")
+    module = _module(cfg, None, lr=3e-3, optimizer="adamw")
     trainer = _trainer(cfg.pretrain_epochs, [])
     trainer.fit(module, datamodule=_data(cfg, "pretrain", cfg.pretrain_size))
     print(f"      pretraining {cfg.metric} = {float(trainer.callback_metrics[cfg.metric]):.3f}")
@@ -202,12 +202,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run (tiny data, one epoch): seconds")
     parser.add_argument("--depth", type=int, help="number of last convs to fine-tune")
     parser.add_argument("--r", type=int, help="patch size of the gradient filter")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: fastest on a CPU shared with other jobs)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick(args.task) if args.quick else DemoConfig(task=args.task)
     overrides = {k: v for k, v in (("depth", args.depth), ("r", args.r)) if v is not None}
     if args.task == "segmentation" and not args.quick:
         overrides.setdefault("depth", 5)
-        overrides.setdefault("r", 4)
     cfg = DemoConfig(**{**asdict(cfg), **overrides})
     warnings.filterwarnings("ignore", message=".*modules? in eval mode.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
