@@ -44,7 +44,7 @@ class DemoConfig:
     pretrain_size: int = 4096
     pretrain_epochs: int = 5
     finetune_size: int = 1024
-    finetune_epochs: int = 4
+    finetune_epochs: int = 6
     val_size: int = 256
     batch_size: int = 32
     depth: int = 4
@@ -132,6 +132,14 @@ def finetune(cfg: DemoConfig, checkpoint: str, r: int, name: str) -> RunResult:
     return RunResult(name, metric, profiler.steps)
 
 
+def before_finetuning(cfg: DemoConfig, checkpoint: str) -> float:
+    """The pretrained network's score on the fine-tuning split's validation set."""
+    module = _module(cfg, checkpoint, lr=0.01, optimizer="sgd")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=False, accelerator="cpu", devices=1)
+    return float(trainer.validate(module, datamodule=_data(cfg, "finetune", 1), verbose=False)[0][cfg.metric])
+
+
 def _table(cfg: DemoConfig, results: list[RunResult]) -> str:
     metric = "accuracy" if cfg.task == "classification" else "mIoU"
     header = (f"| run | {metric} | kept for backward, whole graph (MiB) | kept by the {cfg.depth} trained convs "
@@ -178,6 +186,7 @@ def run_demo(cfg: DemoConfig, out: str) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     checkpoint = pretrain(cfg, out)
+    before = before_finetuning(cfg, checkpoint)
     runs = []
     for step, (r, name) in enumerate(((1, "vanilla backprop"), (cfg.r, f"gradient filter r={cfg.r}")), start=2):
         print(f"[{step}/3] fine-tuning the last {cfg.depth} convs on the 'finetune' split: {name}")
@@ -185,12 +194,14 @@ def run_demo(cfg: DemoConfig, out: str) -> dict[str, Any]:
     table = _table(cfg, runs)
     plots = _plots(runs, out)
     seconds = time.perf_counter() - start
-    results = {"config": asdict(cfg), "seconds": seconds, "table": table,
+    results = {"config": asdict(cfg), "seconds": seconds, "table": table, "before_finetuning": before,
                "runs": {res.name: {"summary": res.summary(), "steps": [asdict(s) for s in res.steps]} for res in runs}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{cfg.task}, {cfg.model}{'' if cfg.task == 'classification' else ' ' + cfg.arch}, "
           f"{cfg.image_size}px, batch {cfg.batch_size}, last {cfg.depth} convs, medians over steps:\n{table}")
+    print(f"(the pretrained network before fine-tuning: {'accuracy' if cfg.task == 'classification' else 'mIoU'} "
+          f"{before:.3f} on the same validation set)")
     print(f"\nplots: {', '.join(plots)}\nresults: {os.path.join(out, 'results.json')}  ({seconds:.0f} s)")
     return results
 

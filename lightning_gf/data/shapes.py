@@ -104,7 +104,7 @@ def generate_shapes(
     ramp = 0.5 + 0.5 * (xx * torch.cos(ramp_angle) + yy * torch.sin(ramp_angle)) / math.sqrt(2)
     image = c0 + (c1 - c0) * ramp
     if shifted:
-        image = 0.15 + 0.7 * image * (0.75 + 0.25 * _texture(gen, n, yy, xx, (6.0, 14.0)))
+        image = 0.05 + 0.85 * image * (0.85 + 0.15 * _texture(gen, n, yy, xx, (6.0, 14.0)))
 
     masks = torch.zeros(n, image_size, image_size, dtype=torch.uint8)
     # class prior: uniform (pretrain), skewed towards the first classes (finetune)
@@ -113,7 +113,7 @@ def generate_shapes(
     first_kind = torch.multinomial(prior, n, replacement=True, generator=gen)
     for slot in range(max_shapes):
         kind = first_kind if slot == 0 else torch.multinomial(prior, n, replacement=True, generator=gen)
-        radius = _uniform(gen, n, 0.45, 0.80, 1, 1, 1) if not shifted else _uniform(gen, n, 0.35, 0.65, 1, 1, 1)
+        radius = _uniform(gen, n, 0.45, 0.80, 1, 1, 1) if not shifted else _uniform(gen, n, 0.40, 0.75, 1, 1, 1)
         if slot > 0:
             radius = radius * 0.7
         cy, cx = _uniform(gen, n, -0.45, 0.45, 1, 1, 1), _uniform(gen, n, -0.45, 0.45, 1, 1, 1)
@@ -125,12 +125,12 @@ def generate_shapes(
         # a colour that stands out from the background's mean colour
         colour = (1.0 - image.mean((2, 3), keepdim=True) + 0.3 * torch.randn(n, 3, 1, 1, generator=gen)).clamp(0, 1)
         if shifted:
-            colour = 0.15 + 0.7 * colour  # muted
+            colour = 0.1 + 0.8 * colour  # muted
         fill = colour * (0.8 + 0.2 * _texture(gen, n, yy, xx, (3.0, 10.0)))
         image = torch.where(inside, fill, image)
         masks = torch.where(inside.squeeze(1), (kind + 1).to(torch.uint8).view(n, 1, 1), masks)
 
-    noise = 0.06 if shifted else 0.03
+    noise = 0.05 if shifted else 0.03
     image = image + noise * torch.randn(image.shape, generator=gen)
     images = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return ShapeSamples(images=images, masks=masks, labels=first_kind.long())
