@@ -33,7 +33,7 @@ def test_pyproject_declares_the_console_script() -> None:
     assert 'lightning-gf = "lightning_gf.cli:main"' in text
 
 
-def test_print_config_round_trip(tmp_path: Path) -> None:
+def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # `python -m lightning_gf` prints the merged config of a recipe plus an override ...
     out = subprocess.run(
         [sys.executable, "-m", "lightning_gf", "fit", f"--config={RECIPE}", "--model.init_args.lr=0.01",
@@ -43,14 +43,13 @@ def test_print_config_round_trip(tmp_path: Path) -> None:
     printed = yaml.safe_load(out)
     assert printed["model"]["init_args"]["lr"] == 0.01
     assert printed["trainer"]["callbacks"][0]["init_args"]["depth"] == 2
-    # ... which, fed back as the only config, prints the same config again
+    # ... which, fed back to the entry function as the only config, prints the same config again
     saved = tmp_path / "config.yaml"
     saved.write_text(out)
-    again = subprocess.run(
-        [sys.executable, "-m", "lightning_gf", "fit", f"--config={saved}", "--print_config"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=True,
-    ).stdout
-    assert yaml.safe_load(again) == printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={saved}", "--print_config"])
+    assert not exit_info.value.code
+    assert yaml.safe_load(capsys.readouterr().out) == printed
 
 
 def test_short_names_and_several_configs(tmp_path: Path) -> None:
@@ -82,8 +81,10 @@ def test_fit_validate_test_predict(tmp_path: Path) -> None:
     assert torch.cat(predictions).shape == (2,) and torch.cat(predictions).max() < 8
 
 
-def test_main_runs_a_subcommand_and_returns_none(capsys: pytest.CaptureFixture) -> None:
-    assert main(["fit", f"--config={RECIPE}", "--print_config"]) is None
-    assert "GradientFilterCallback" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["fit", f"--config={RECIPE}", "--model.init_args.optimizer=lbfgs"])
+def test_main_runs_a_subcommand_and_rejects_bad_options(tmp_path: Path) -> None:
+    args = ["fit", f"--config={RECIPE}", *TINY, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]
+    assert main(args) is None  # the console script exits 0
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        main([*args, "--model.init_args.optimizer=lbfgs"])
+    with pytest.raises(SystemExit):  # unknown option: jsonargparse's usage error
+        main([*args, "--model.init_args.no_such_option=1"])
