@@ -84,12 +84,15 @@ class RunResult:
         }
 
 
+_SMALL_FPN = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32}  # 3x faster than smp's default
+
+
 def _module(cfg: DemoConfig, checkpoint: Optional[str], lr: float, optimizer: str) -> pl.LightningModule:
     if cfg.task == "classification":
         return ImageClassifier(cfg.model, num_classes=8, checkpoint_path=checkpoint, optimizer=optimizer, lr=lr,
                                momentum=0.9, warmup_ratio=0.1)
     return SemanticSegmenter(cfg.arch, f"tu-{cfg.model}", num_classes=9, checkpoint_path=checkpoint, optimizer=optimizer,
-                             lr=lr, momentum=0.9, warmup_ratio=0.1)
+                             lr=lr, momentum=0.9, warmup_ratio=0.1, model_kwargs=_SMALL_FPN if cfg.arch == "FPN" else None)
 
 
 def _data(cfg: DemoConfig, split: str, size: int) -> ShapesDataModule:
@@ -161,13 +164,20 @@ def _plots(results: list[RunResult], out: str) -> list[str]:
     paths = []
     for key, ylabel, filename in (("kept_mb", "memory kept for backward (MiB)", "memory_per_step.png"),
                                   ("loss", "training loss", "loss_curves.png")):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for res in results:
-            ax.plot([getattr(s, key) for s in res.steps], label=res.name)
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for i, res in enumerate(results):
+            colour = f"C{i}"
+            label = f"{res.name}, whole graph (measured)" if key == "kept_mb" else res.name
+            ax.plot([getattr(s, key) for s in res.steps], color=colour, label=label)
+            if key == "kept_mb":
+                ax.plot([s.gf_activation_mb or 0.0 for s in res.steps], color=colour, linestyle="--",
+                        label=f"{res.name}, trained convs (gf/activation_mb)")
+        if key == "kept_mb":
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out, filename)
         fig.savefig(path, dpi=120)
@@ -220,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = DemoConfig.quick(args.task) if args.quick else DemoConfig(task=args.task)
     overrides = {k: v for k, v in (("depth", args.depth), ("r", args.r)) if v is not None}
     if args.task == "segmentation" and not args.quick:
-        overrides.setdefault("depth", 5)
+        overrides = {"depth": 5, "pretrain_size": 3072, "pretrain_epochs": 4, "finetune_epochs": 4, **overrides}
     cfg = DemoConfig(**{**asdict(cfg), **overrides})
     warnings.filterwarnings("ignore", message=".*modules? in eval mode.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
