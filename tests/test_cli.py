@@ -73,16 +73,19 @@ def test_fit_validate_test_predict(tmp_path: Path) -> None:
     assert len(checkpoints) == 1 and cli.trainer.callback_metrics["train/loss"] > 0
     for command, metric in (("validate", "val/acc"), ("test", "test/acc")):
         cli = build_cli([command, f"--config={RECIPE}", *TINY, f"--ckpt_path={checkpoints[0]}",
-                         "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+                         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                         f"--trainer.default_root_dir={tmp_path / command}"])
         assert 0.0 <= float(cli.trainer.callback_metrics[metric]) <= 1.0
     cli = build_cli(["predict", f"--config={RECIPE}", *TINY, f"--ckpt_path={checkpoints[0]}",
-                     "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={tmp_path / 'predict'}"])
     predictions = cli.trainer.predict_loop.predictions
     assert torch.cat(predictions).shape == (2,) and torch.cat(predictions).max() < 8
 
 
 def test_main_runs_a_subcommand_and_rejects_bad_options(tmp_path: Path) -> None:
-    args = ["fit", f"--config={RECIPE}", *TINY, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]
+    args = ["fit", f"--config={RECIPE}", *TINY, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}"]
     assert main(args) is None  # the console script exits 0
     with pytest.raises(ValueError, match="optimizer must be one of"):
         main([*args, "--model.init_args.optimizer=lbfgs"])

@@ -41,7 +41,7 @@ def _tiny_args(recipe: Path) -> list[str]:
     ]
 
 
-def _fit(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
+def _fit(recipe: Path, monkeypatch: pytest.MonkeyPatch, root: Path) -> tuple[dict, dict]:
     """Run the recipe; return the filter it installed and the metrics it logged."""
     seen = {}
 
@@ -53,7 +53,7 @@ def _fit(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
         return handle
 
     monkeypatch.setattr(callback_base, "apply_gradient_filter", spy)
-    cli = build_cli(["fit", f"--config={recipe}", *_tiny_args(recipe)])
+    cli = build_cli(["fit", f"--config={recipe}", *_tiny_args(recipe), f"--trainer.default_root_dir={root}"])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     return seen, metrics
 
@@ -65,10 +65,10 @@ def test_every_recipe_has_a_twin() -> None:
 
 
 @pytest.mark.parametrize("name", GF_RECIPES)
-def test_recipe_and_twin_fit(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipe_and_twin_fit(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gf_recipe, bp_recipe = RECIPES / name, RECIPES / name.replace("_gf.yaml", "_bp.yaml")
-    gf, gf_metrics = _fit(gf_recipe, monkeypatch)
-    bp, bp_metrics = _fit(bp_recipe, monkeypatch)
+    gf, gf_metrics = _fit(gf_recipe, monkeypatch, tmp_path / "gf")
+    bp, bp_metrics = _fit(bp_recipe, monkeypatch, tmp_path / "bp")
 
     # the twin differs only in r: same layers, same frozen part, same trainable set
     gf_cfg, bp_cfg = yaml.safe_load(gf_recipe.read_text()), yaml.safe_load(bp_recipe.read_text())
