@@ -190,6 +190,15 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
     return per_pair[:, :, None, None].expand(weight_shape)
 
 
+def _reads_of(x: Tensor) -> dict[Any, Any]:
+    """What filtered convs derived from ``x`` (at its current version), kept on ``x`` itself."""
+    cache = getattr(x, "_gf_pooled", None)
+    if cache is None or cache[0] != x._version:
+        cache = (x._version, {})
+        x._gf_pooled = cache  # type: ignore[attr-defined]
+    return cache[1]
+
+
 def _shared_pooled_input(x: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, bool]:
     """The patch sums of ``x`` on this grid, computed once for every conv that reads ``x``.
 
@@ -198,18 +207,22 @@ def _shared_pooled_input(x: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple
     off ``x`` itself (so it lives no longer than ``x``) and is recomputed if ``x``
     changed in place. Returns the sums and whether this call made them.
     """
-    key = (grid_h, grid_w)
     if torch.compiler.is_compiling():
         return pool_patches(x, grid_h, grid_w, on_input=True), True
-    cache = getattr(x, "_gf_pooled", None)
-    if cache is None or cache[0] != x._version:
-        cache = (x._version, {})
-        x._gf_pooled = cache  # type: ignore[attr-defined]
-    pooled = cache[1].get(key)
+    reads = _reads_of(x)
+    pooled = reads.get((grid_h, grid_w))
     if pooled is not None:
         return pooled, False
-    pooled = cache[1][key] = pool_patches(x, grid_h, grid_w, on_input=True)
+    pooled = reads[(grid_h, grid_w)] = pool_patches(x, grid_h, grid_w, on_input=True)
     return pooled, True
+
+
+def _first_read(x: Tensor) -> bool:
+    """Whether this is the first patched conv whose backward needs ``x`` (a plain conv keeps it once)."""
+    reads = _reads_of(x)
+    first = "read" not in reads
+    reads["read"] = True
+    return first
 
 
 def _call_stats(
@@ -251,6 +264,15 @@ def _output_size(
         for a in range(2)
     )
     return h, w
+
+
+def _plain_call_stats(x: Tensor, weight: Tensor, y: Tensor) -> FilterStats:
+    """``r = 1`` (plain backprop): the conv keeps its input when its weight trains."""
+    kept = x.numel() * x.element_size() if weight.requires_grad else 0
+    taps = weight.shape[2] * weight.shape[3]
+    macs = x.shape[0] * weight.shape[0] * weight.shape[1] * taps * y.shape[2] * y.shape[3]
+    macs *= int(x.requires_grad) + int(weight.requires_grad)
+    return FilterStats(kept_bytes=kept, vanilla_bytes=kept, backward_macs_vanilla=macs, backward_macs_filtered=macs)
 
 
 @torch.library.custom_op("lightning_gf::filtered_conv2d", mutates_args=())
@@ -403,7 +425,13 @@ def filtered_conv2d(
     stride_pair = _pair(stride, "stride")
     dilation_pair = _pair(dilation, "dilation")
     if r == 1:
-        return F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
+        out = F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
+        if _stats is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            call = _plain_call_stats(input, weight, out)
+            if weight.requires_grad and not _first_read(input):  # kept once for every reader
+                call.kept_bytes = call.vanilla_bytes = 0
+            _stats.add(call)
+        return out
     if isinstance(padding, str):
         padding_list, padding_str = [0, 0], padding
     else:
@@ -421,7 +449,9 @@ def filtered_conv2d(
     if _stats is not None and not torch.compiler.is_compiling():
         call = _call_stats(input, weight, y, pooled, grid_h, grid_w, dilation_pair, r,
                            (grad_on and input.requires_grad, need_w))
-        if not first_use:  # another filtered conv already keeps (and counted) this input
-            call.kept_bytes = call.vanilla_bytes = 0
+        if not first_use:  # another filtered conv already keeps (and counted) these sums
+            call.kept_bytes = 0
+        if need_w and not _first_read(input):  # a plain conv would keep this input once
+            call.vanilla_bytes = 0
         _stats.add(call)
     return y
