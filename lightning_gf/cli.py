@@ -3,6 +3,7 @@
     lightning-gf fit --config recipes/resnet18_gf_depth2.yaml
     lightning-gf fit --config recipes/resnet18_gf_depth2.yaml --config recipes/data/cifar10.yaml
     lightning-gf fit --config recipes/resnet18_gf_depth2.yaml --print_config
+    lightning-gf report --config recipes/resnet18_gf_depth2.yaml --json
 
 Models and data are given in subclass mode (``class_path`` + ``init_args``); the short
 names of this package's classes (``ImageClassifier``, ``ShapesDataModule``,
@@ -11,6 +12,7 @@ names of this package's classes (``ImageClassifier``, ``ShapesDataModule``,
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Optional
 
@@ -61,8 +63,17 @@ def build_cli(args: Optional[list[str]] = None, *, run: bool = True) -> Lightnin
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of ``lightning-gf`` and ``python -m lightning_gf``."""
-    build_cli(args)
+    """Entry point of ``lightning-gf`` and ``python -m lightning_gf``.
+
+    ``lightning-gf report --config X.yaml [--json]`` prints the per-layer report of a
+    recipe (see :mod:`lightning_gf.config_report`); every other subcommand is LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        from lightning_gf.config_report import main as report_main
+
+        raise SystemExit(report_main(argv[1:]))
+    build_cli(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ the gradients from the patch means of the output gradient (``shared/method.md``)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 import torch
@@ -21,6 +22,9 @@ IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# From this many patches per map on, per-sample matrix products beat one product over
+# transposed copies (measured on CPU; both are exact).
+_MANY_PATCHES = 100
 
 _NO_DOUBLE_BACKWARD = (
     "lightning_gf: a filtered conv has no double backward (its backward is an approximation, computed once), "
@@ -90,18 +94,26 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     return _sum_tiles(t, size_h, size_w)
 
 
-def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
-    counts_h = torch.tensor(grid_h.out_counts(), dtype=like.dtype, device=like.device)
-    counts_w = torch.tensor(grid_w.out_counts(), dtype=like.dtype, device=like.device)
+@functools.lru_cache(maxsize=256)
+def _patch_counts_cached(grid_h: AxisGrid, grid_w: AxisGrid, dtype: torch.dtype, device: torch.device) -> Tensor:
+    counts_h = torch.tensor(grid_h.out_counts(), dtype=dtype, device=device)
+    counts_w = torch.tensor(grid_w.out_counts(), dtype=dtype, device=device)
     return counts_h[:, None] * counts_w[None, :]
 
 
-def _patch_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
-    """Mean of ``grad_out`` over the valid cells of each output patch (one pass)."""
+def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
+    """Number of output cells inside the map for each patch, ``(P_h, P_w)``."""
+    if torch.compiler.is_compiling():
+        return _patch_counts_cached.__wrapped__(grid_h, grid_w, like.dtype, like.device)
+    return _patch_counts_cached(grid_h, grid_w, like.dtype, like.device)
+
+
+def _patch_sums_and_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
+    """Sums and means of ``grad_out`` over the valid cells of each output patch (one pass)."""
     sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
     if grid_h.out_before == grid_h.out_after == grid_w.out_before == grid_w.out_after == 0:
-        return sums.div_(grid_h.r * grid_w.r)  # every patch is full
-    return sums.div_(_patch_counts(grid_h, grid_w, sums))
+        return sums, sums / (grid_h.r * grid_w.r)  # every patch is full
+    return sums, sums / _patch_counts(grid_h, grid_w, sums)
 
 
 def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
@@ -159,9 +171,11 @@ def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool
     c_out, c_in_group = w2d.shape
     c_out_group = c_out // groups
     n, _, ph, pw = t.shape
-    if groups == 1:  # one matrix product over all samples and patches
+    if groups == 1:
         mix = w2d.t() if transpose else w2d
-        flat = t.transpose(0, 1).reshape(t.shape[1], n * ph * pw)
+        if ph * pw >= _MANY_PATCHES:  # a product per sample, no transposed copies
+            return torch.matmul(mix, t.reshape(n, t.shape[1], ph * pw)).reshape(n, -1, ph, pw)
+        flat = t.transpose(0, 1).reshape(t.shape[1], n * ph * pw)  # few patches: one product for all
         return (mix @ flat).reshape(-1, n, ph, pw).transpose(0, 1)
     if c_in_group == 1 and transpose:  # depthwise / depth multiplier: C_out = m * C_in
         return (t.reshape(n, groups, c_out_group, ph, pw) * w2d.reshape(1, groups, c_out_group, 1, 1)).sum(2)
@@ -178,8 +192,11 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
     n, c_out = gbar.shape[:2]
     c_in = xs.shape[1]
     c_in_group, c_out_group = c_in // groups, c_out // groups
-    if groups == 1:  # one matrix product over all samples and patches
-        per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
+    if groups == 1:
+        if gbar.shape[2] * gbar.shape[3] >= _MANY_PATCHES:  # a product per sample, summed
+            per_pair = torch.bmm(gbar.reshape(n, c_out, -1), xs.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
+        else:  # few patches: one product over all samples and patches
+            per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
     elif c_in_group == 1:  # depthwise / depth multiplier
         g = gbar.reshape(n, groups, c_out_group, -1)
         per_pair = (g * xs.reshape(n, groups, 1, -1)).sum((0, 3)).reshape(c_out, 1)
@@ -318,7 +335,7 @@ def _filtered_conv2d_backward_op(
     """``(g_x, g_w, g_b)`` of the filtered conv; an empty tensor for each one not needed."""
     grid_h = AxisGrid.build(x_size[2], grad_out.shape[2], r, stride[0])
     grid_w = AxisGrid.build(x_size[3], grad_out.shape[3], r, stride[1])
-    gbar = _patch_means(grad_out, grid_h, grid_w)
+    sums, gbar = _patch_sums_and_means(grad_out, grid_h, grid_w)
     grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
     if need_x:
         low = _low_res_input_grad(gbar, weight, r, (dilation[0], dilation[1]), groups)
@@ -333,8 +350,8 @@ def _filtered_conv2d_backward_op(
         if stride_scale != 1:
             grad_w = grad_w / stride_scale
         grad_w = grad_w.to(weight.dtype).contiguous()
-    if need_b:  # exact: the patch means weighted by their cell counts sum to sum(g_y)
-        grad_b = (gbar * _patch_counts(grid_h, grid_w, gbar)).sum((0, 2, 3)).to(weight.dtype)
+    if need_b:  # exact: the patch sums add up to sum(g_y)
+        grad_b = sums.sum((0, 2, 3)).to(weight.dtype)
     return grad_x, grad_w, grad_b
 
 

@@ -22,7 +22,7 @@ from lightning_gf.functional import (
     _NO_DOUBLE_BACKWARD,
     _accumulation_dtype,
     _patch_counts,
-    _patch_means,
+    _patch_sums_and_means,
     pool_patches,
 )
 from lightning_gf.once_differentiable import once_differentiable
@@ -64,11 +64,11 @@ def _lean_batch_norm_backward_op(
         grad_x = grad * scale.to(grad.dtype)[:, None, None]
     if need_w or need_b:
         grids = _grids(grad.shape, r)
-        gbar = _patch_means(grad, *grids)
+        sums, gbar = _patch_sums_and_means(grad, *grids)
         counts = _patch_counts(*grids, gbar)
         param_dtype = mean.dtype if weight is None else weight.dtype
         if need_b:  # exact
-            grad_b = (gbar * counts).sum((0, 2, 3)).to(param_dtype)
+            grad_b = sums.sum((0, 2, 3)).to(param_dtype)
         if need_w:
             assert pooled is not None and weight is not None
             centred = pooled - counts * mean.float()[:, None, None]

@@ -8,6 +8,7 @@ padding (they count zero and receive nothing).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -43,6 +44,7 @@ class AxisGrid:
     in_after: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=1024)
     def build(in_size: int, out_size: int, r: int, stride: int) -> "AxisGrid":
         patches = _ceil_div(out_size, r)
         out_before = _ceil_div(patches * r - out_size, 2)
