@@ -114,7 +114,8 @@ def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> No
 
 Measured by `make bench` (`.venv/bin/python -m benchmarks.run_all`) on {_env()}.
 Every ratio compares two contenders timed in turn in the same run (median of repeats).
-Raw rows: [bench-results.json](bench-results.json).
+Raw rows: [bench-results.json](bench-results.json). Earlier attempts and what limits the
+speed: [benchmarks-history.md](benchmarks-history.md).
 
 ## Per layer: filtered_conv2d vs PyTorch's conv (CPU, float32, batch 8)
 
