@@ -20,13 +20,6 @@ TINY = ["--data.init_args.image_size=64", "--data.init_args.train_size=2", "--da
         "--data.init_args.test_size=2", "--data.init_args.batch_size=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_pyproject_declares_the_console_script() -> None:
     text = (ROOT / "pyproject.toml").read_text()

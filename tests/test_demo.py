@@ -6,17 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_gf.demo import DemoConfig, main, run_demo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_quick_classification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning import callbacks as plc

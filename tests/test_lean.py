@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightning_gf import apply_gradient_filter
 from lightning_gf.class_swap import is_swapped

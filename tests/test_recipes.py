@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import lightning_gf.callback_base as callback_base
@@ -18,14 +17,6 @@ GF_RECIPES = sorted(p.name for p in RECIPES.glob("*_gf.yaml"))
 _APPLY = callback_base.apply_gradient_filter
 TINY = {"classification": 64, "segmentation": 96}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convs: one thread is faster, and much faster on a CPU shared with other jobs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_args(recipe: Path) -> list[str]:

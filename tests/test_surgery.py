@@ -5,11 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_gf import apply_gradient_filter

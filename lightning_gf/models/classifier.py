@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
@@ -12,10 +11,11 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gf.models.checkpoint import load_weights
-from lightning_gf.models.optim import build_optimizer, check_optimizer_args
+from lightning_gf.models.optim import check_optimizer_args
+from lightning_gf.models.task_module import TaskModule
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(TaskModule):
     """Image classification over a timm model, by name.
 
     Args:
@@ -85,19 +85,3 @@ class ImageClassifier(pl.LightningModule):
             metric = self.metrics[f"{stage}_{name}"]
             metric(logits, labels)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "acc", batch_size=len(labels))
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return build_optimizer(self.parameters(), optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay,
-                               momentum=h.momentum, warmup_ratio=h.warmup_ratio,
-                               total_steps=self.trainer.estimated_stepping_batches)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from lightning_gf.models.checkpoint import load_weights
-from lightning_gf.models.optim import build_optimizer, check_optimizer_args
+from lightning_gf.models.optim import check_optimizer_args
+from lightning_gf.models.task_module import TaskModule
 
 ARCHITECTURES = ("DeepLabV3", "DeepLabV3Plus", "UPerNet", "PSPNet", "FPN", "Unet")
 IGNORE_INDEX = 255
 
 
-class SemanticSegmenter(pl.LightningModule):
+class SemanticSegmenter(TaskModule):
     """Semantic segmentation with segmentation-models-pytorch, by architecture and encoder name.
 
     Args:
@@ -34,6 +33,7 @@ class SemanticSegmenter(pl.LightningModule):
     Logs ``train/loss``, ``val/loss``, ``val/miou`` (torchmetrics mean IoU over classes).
 
     Example:
+        >>> import torch
         >>> m = SemanticSegmenter("FPN", "resnet18", num_classes=3)
         >>> m(torch.zeros(1, 3, 64, 64)).shape
         torch.Size([1, 3, 64, 64])
@@ -86,19 +86,3 @@ class SemanticSegmenter(pl.LightningModule):
         metric = self.val_miou if stage == "val" else self.test_miou
         metric(logits.argmax(1), masks)
         self.log(f"{stage}/miou", metric, prog_bar=True, batch_size=len(masks))
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return build_optimizer(self.parameters(), optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay,
-                               momentum=h.momentum, warmup_ratio=h.warmup_ratio,
-                               total_steps=self.trainer.estimated_stepping_batches)
