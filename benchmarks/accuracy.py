@@ -62,10 +62,10 @@ class BenchConfig:
     data: str = "shapes"
     data_root: str = "data/cifar"
     image_size: int = 112
-    pretrain_steps: int = 120
+    pretrain_steps: int = 150
     pretrain_batch: int = 32
     pretrain_lr: float = 2e-3
-    finetune_size: int = 640
+    finetune_size: int = 800
     val_size: int = 1024
     epochs: int = 2
     batch_size: int = 32
@@ -78,6 +78,7 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     threads: int = 1
     jobs: int = 2
+    device: str = "cpu"
     out: str = "outputs/accuracy"
 
     def fingerprint(self) -> dict[str, Any]:
@@ -120,11 +121,11 @@ def run_model(cfg: BenchConfig, model_name: str) -> dict[str, Any]:
     start = time.perf_counter()
     results = _load_results(cfg, model_name)
     source = DataSource(cfg.data, cfg.image_size, cfg.data_root)
-    model = build_model(model_name, source.num_classes)
+    model = build_model(model_name, source.num_classes).to(cfg.device)
     ckpt = cfg.checkpoint(model_name)
     if os.path.isfile(ckpt):
         print(f"{tag}reusing the pretrained checkpoint {ckpt}", flush=True)
-        model.load_state_dict(torch.load(ckpt, map_location="cpu"))
+        model.load_state_dict(torch.load(ckpt, map_location=cfg.device))
     else:
         print(f"{tag}pretraining on the 'pretrain' partition ({cfg.pretrain_steps} steps of {cfg.pretrain_batch}, "
               f"{cfg.image_size} px); cached as {ckpt}", flush=True)
@@ -142,7 +143,7 @@ def run_model(cfg: BenchConfig, model_name: str) -> dict[str, Any]:
     todo = [(d, m, s) for s in cfg.seeds for d in cfg.depths for m in methods(cfg.rs)
             if run_key(d, m, s) not in results["runs"]]
     if todo:
-        splits = {d: split_at(model, d, val.images[:2]) for d in cfg.depths}
+        splits = {d: split_at(model, d, val.images[:2].to(cfg.device)) for d in cfg.depths}
         results["trained_convs"] = {str(d): split.trained for d, split in splits.items()}
         shortest = min(splits.values(), key=lambda split: len(split.front))
         seeds_needed = sorted({s for _, _, s in todo})
@@ -355,12 +356,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-lean", dest="lean", action="store_false", help="filtered runs without the lean region")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=d.jobs, help="models trained at the same time, one process each")
+    p.add_argument("--device", default=d.device, help="torch device, e.g. cuda (default cpu)")
     a = p.parse_args(argv)
     cfg = replace(d, data=a.data, data_root=a.data_root, out=a.out, models=a.models.split(","), depths=a.depths,
                   rs=a.rs, seeds=a.seeds, image_size=a.image_size, pretrain_steps=a.pretrain_steps,
                   pretrain_batch=a.pretrain_batch, pretrain_lr=a.pretrain_lr, finetune_size=a.finetune_size,
                   val_size=a.val_size, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
-                  lean=a.lean, threads=a.threads, jobs=a.jobs)
+                  lean=a.lean, threads=a.threads, jobs=a.jobs, device=a.device)
     run(cfg, a.docs)
 
 

@@ -56,10 +56,10 @@ class DataSource:
     def pretrain_batches(self, steps: int, batch_size: int, seed: int) -> Iterator[Tensors]:
         """``steps`` training batches of the pretraining partition (shapes: all distinct images)."""
         if self.name == "shapes":
+            ds = ShapesDataset("classification", "pretrain", "train", steps * batch_size, self.image_size, seed=seed)
             for step in range(steps):
-                ds = ShapesDataset("classification", "pretrain", "train", batch_size, self.image_size,
-                                   seed=seed + 1000 * step)
-                yield Tensors(normalize(ds.images), ds.labels)
+                batch = slice(step * batch_size, (step + 1) * batch_size)
+                yield Tensors(normalize(ds.images[batch]), ds.labels[batch])
             return
         loader = torch.utils.data.DataLoader(self._cifar("pretrain", seed).train_set, batch_size=batch_size,
                                              shuffle=True, drop_last=True, num_workers=2,

@@ -92,18 +92,23 @@ def split_at(model: nn.Module, depth: int, example: Tensor) -> SplitModel:
     return split
 
 
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def run_batched(module: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
-    """``module(images)`` in eval mode, ``batch_size`` images at a time."""
+    """``module(images)`` in eval mode, ``batch_size`` images at a time, on the module's device."""
     module.eval()
-    return torch.cat([module(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = device_of(module)
+    return torch.cat([module(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def accuracy(module: nn.Module, data: Tensors, batch_size: int = 128) -> float:
     """Top-1 accuracy (%) of ``module`` (eval mode) on ``data``."""
     logits = run_batched(module, data.images, batch_size)
-    return 100.0 * float((logits.argmax(1) == data.labels).float().mean())
+    return 100.0 * float((logits.argmax(1).cpu() == data.labels.cpu()).float().mean())
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -124,12 +129,13 @@ def pretrain(model: nn.Module, source: DataSource, *, steps: int, batch_size: in
     warm-up then cosine, gradient clipping 2.0."""
     torch.manual_seed(seed)
     model.train()
+    device = device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     schedule = _schedule(optimizer, steps, 0.1)
     start = time.perf_counter()
     for step, batch in enumerate(source.pretrain_batches(steps, batch_size, seed), start=1):
-        loss = F.cross_entropy(model(batch.images), batch.labels)
+        loss = F.cross_entropy(model(batch.images.to(device)), batch.labels.to(device))
         _sgd_step(loss, params, optimizer)
         schedule.step()
         if step % log_every == 0 or step == steps:
@@ -160,6 +166,8 @@ def finetune(tail: nn.Module, train: Tensors, val: Tensors, cfg: FinetuneConfig)
     """
     start = time.perf_counter()
     tail = copy.deepcopy(tail)
+    device = device_of(tail)
+    train = Tensors(train.images.to(device), train.labels.to(device))
     handle = apply_gradient_filter(tail, r=cfg.r, depth=cfg.depth, example_input=train.images[:2],
                                    stride_correction=cfg.stride_correction, lean=cfg.lean)
     params = [p for p in tail.parameters() if p.requires_grad]
