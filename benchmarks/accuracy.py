@@ -62,10 +62,12 @@ class BenchConfig:
     data: str = "shapes"
     data_root: str = "data/cifar"
     image_size: int = 112
-    pretrain_steps: int = 150
+    pretrain_low_res: int = 64
+    pretrain_low_res_steps: int = 300
+    pretrain_steps: int = 60
     pretrain_batch: int = 32
     pretrain_lr: float = 2e-3
-    finetune_size: int = 800
+    finetune_size: int = 640
     val_size: int = 1024
     epochs: int = 2
     batch_size: int = 32
@@ -86,8 +88,9 @@ class BenchConfig:
         return {k: getattr(self, k) for k in keys[:keys.index("models")]}
 
     def checkpoint(self, model: str) -> str:
-        return os.path.join(self.out, f"pretrained_{self.data}_{model}_{self.image_size}px_"
-                                      f"{self.pretrain_steps}x{self.pretrain_batch}_lr{self.pretrain_lr:g}.pt")
+        return os.path.join(self.out, f"pretrained_{self.data}_{model}_{self.pretrain_low_res}px"
+                                      f"{self.pretrain_low_res_steps}_{self.image_size}px{self.pretrain_steps}_"
+                                      f"b{self.pretrain_batch}_lr{self.pretrain_lr:g}.pt")
 
     def results_file(self, model: str) -> str:
         return os.path.join(self.out, f"results_{self.data}_{model}.json")
@@ -127,10 +130,12 @@ def run_model(cfg: BenchConfig, model_name: str) -> dict[str, Any]:
         print(f"{tag}reusing the pretrained checkpoint {ckpt}", flush=True)
         model.load_state_dict(torch.load(ckpt, map_location=cfg.device))
     else:
-        print(f"{tag}pretraining on the 'pretrain' partition ({cfg.pretrain_steps} steps of {cfg.pretrain_batch}, "
-              f"{cfg.image_size} px); cached as {ckpt}", flush=True)
-        pretrain(model, source, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-                 seed=0, prefix=tag)
+        phases = [(cfg.pretrain_low_res_steps, cfg.pretrain_low_res), (cfg.pretrain_steps, cfg.image_size)]
+        phases = [(steps, size) for steps, size in phases if steps > 0]
+        print(f"{tag}pretraining on the 'pretrain' partition ("
+              f"{', then '.join(f'{steps} steps at {size} px' for steps, size in phases)}, batch {cfg.pretrain_batch}); "
+              f"cached as {ckpt}", flush=True)
+        pretrain(model, source, phases=phases, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, seed=0, prefix=tag)
         torch.save(model.state_dict(), ckpt)
     model.eval()
     val = source.finetune_set("val", cfg.val_size, seed=0)
@@ -344,7 +349,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rs", type=_ints, default=d.rs)
     p.add_argument("--seeds", type=_ints, default=d.seeds)
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="pretraining steps at --image-size")
+    p.add_argument("--pretrain-low-res", type=int, default=d.pretrain_low_res,
+                   help="image size of the first pretraining phase (progressive resizing)")
+    p.add_argument("--pretrain-low-res-steps", type=int, default=d.pretrain_low_res_steps,
+                   help="steps of the first pretraining phase (0: none)")
     p.add_argument("--pretrain-batch", type=int, default=d.pretrain_batch)
     p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
     p.add_argument("--finetune-size", type=int, default=d.finetune_size, help="fine-tuning images (CIFAR: 0 = all)")
@@ -360,6 +369,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = p.parse_args(argv)
     cfg = replace(d, data=a.data, data_root=a.data_root, out=a.out, models=a.models.split(","), depths=a.depths,
                   rs=a.rs, seeds=a.seeds, image_size=a.image_size, pretrain_steps=a.pretrain_steps,
+                  pretrain_low_res=a.pretrain_low_res, pretrain_low_res_steps=a.pretrain_low_res_steps,
                   pretrain_batch=a.pretrain_batch, pretrain_lr=a.pretrain_lr, finetune_size=a.finetune_size,
                   val_size=a.val_size, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                   lean=a.lean, threads=a.threads, jobs=a.jobs, device=a.device)

@@ -53,10 +53,12 @@ class DataSource:
     def num_classes(self) -> int:
         return {"shapes": NUM_SHAPES, "cifar10": 10, "cifar100": 100}[self.name]
 
-    def pretrain_batches(self, steps: int, batch_size: int, seed: int) -> Iterator[Tensors]:
-        """``steps`` training batches of the pretraining partition (shapes: all distinct images)."""
+    def pretrain_batches(self, steps: int, batch_size: int, seed: int, image_size: int = 0) -> Iterator[Tensors]:
+        """``steps`` training batches of the pretraining partition (shapes: all distinct images),
+        ``image_size`` px (default: the source's)."""
+        size = image_size or self.image_size
         if self.name == "shapes":
-            ds = ShapesDataset("classification", "pretrain", "train", steps * batch_size, self.image_size, seed=seed)
+            ds = ShapesDataset("classification", "pretrain", "train", steps * batch_size, size, seed=seed)
             for step in range(steps):
                 batch = slice(step * batch_size, (step + 1) * batch_size)
                 yield Tensors(normalize(ds.images[batch]), ds.labels[batch])
@@ -67,6 +69,9 @@ class DataSource:
         step = 0
         while step < steps:
             for images, labels in loader:
+                if size != images.shape[-1]:
+                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                             antialias=True, align_corners=False)
                 yield Tensors(images, labels)
                 step += 1
                 if step == steps:

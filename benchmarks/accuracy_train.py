@@ -123,24 +123,28 @@ def _sgd_step(loss: Tensor, params: list[nn.Parameter], optimizer: torch.optim.O
     optimizer.step()
 
 
-def pretrain(model: nn.Module, source: DataSource, *, steps: int, batch_size: int, lr: float, seed: int,
-             log_every: int = 20, prefix: str = "") -> None:
-    """Train the whole network (BatchNorm in train mode) on the pretraining partition: AdamW,
-    warm-up then cosine, gradient clipping 2.0."""
+def pretrain(model: nn.Module, source: DataSource, *, phases: list[tuple[int, int]], batch_size: int, lr: float,
+             seed: int, log_every: int = 20, prefix: str = "") -> None:
+    """Train the whole network (BatchNorm in train mode) on the pretraining partition:
+    ``phases`` of ``(steps, image_size)`` (progressive resizing: small images first, cheaper),
+    AdamW, warm-up then cosine over all steps, gradient clipping 2.0."""
     torch.manual_seed(seed)
     model.train()
     device = device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    schedule = _schedule(optimizer, steps, 0.1)
-    start = time.perf_counter()
-    for step, batch in enumerate(source.pretrain_batches(steps, batch_size, seed), start=1):
-        loss = F.cross_entropy(model(batch.images.to(device)), batch.labels.to(device))
-        _sgd_step(loss, params, optimizer)
-        schedule.step()
-        if step % log_every == 0 or step == steps:
-            print(f"{prefix}pretrain step {step}/{steps} loss {loss.item():.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    total = sum(steps for steps, _ in phases)
+    schedule = _schedule(optimizer, total, 0.1)
+    start, step = time.perf_counter(), 0
+    for phase, (steps, size) in enumerate(phases):
+        for batch in source.pretrain_batches(steps, batch_size, seed + phase, size):
+            loss = F.cross_entropy(model(batch.images.to(device)), batch.labels.to(device))
+            _sgd_step(loss, params, optimizer)
+            schedule.step()
+            step += 1
+            if step % log_every == 0 or step == total:
+                print(f"{prefix}pretrain step {step}/{total} ({size} px) loss {loss.item():.3f} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 @dataclass(frozen=True)

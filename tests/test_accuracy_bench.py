@@ -81,7 +81,8 @@ def test_bench_runs_caches_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     docs.mkdir()
     (docs / "accuracy.md").write_text(f"# Accuracy\n\nintro\n\n{START}\nold\n{END}\n\nafter\n")
     args = ["--out", str(out), "--docs", str(docs), "--models", "resnet18", "--depths", "2,4", "--rs", "2",
-            "--seeds", "0,1", "--image-size", "64", "--pretrain-steps", "2", "--pretrain-batch", "4",
+            "--seeds", "0,1", "--image-size", "64", "--pretrain-steps", "1", "--pretrain-low-res", "32",
+            "--pretrain-low-res-steps", "1", "--pretrain-batch", "4",
             "--finetune-size", "8", "--val-size", "8", "--batch-size", "4", "--epochs", "1", "--jobs", "1"]
     main(args)
     first = capsys.readouterr().out
