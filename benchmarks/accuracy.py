@@ -220,12 +220,12 @@ def expected_outcome(table: dict[str, dict[int, dict[str, Cell]]]) -> list[str]:
     if 2 in cells and {PLAIN, "corrected r=2"} <= set(cells[2]):
         gap = cells[2][PLAIN].mean - cells[2]["corrected r=2"].mean
         verdict = "yes" if gap <= 1.5 else "no"
-        lines.append(f"- resnet18, depth 2: corrected r=2 is {gap:+.1f} points below plain backprop "
+        lines.append(f"- resnet18, depth 2: plain backprop minus corrected r=2 = {gap:+.1f} points "
                      f"(within 1.5 points: **{verdict}**)")
     if 4 in cells and {"paper r=2", "corrected r=2"} <= set(cells[4]):
         gain = cells[4]["corrected r=2"].mean - cells[4]["paper r=2"].mean
         verdict = "yes" if gain >= 3.0 else "no"
-        lines.append(f"- resnet18, depth 4: corrected r=2 is {gain:+.1f} points above the paper's convention "
+        lines.append(f"- resnet18, depth 4: corrected r=2 minus paper's convention r=2 = {gain:+.1f} points "
                      f"(at least 3 points better: **{verdict}**)")
     return lines
 

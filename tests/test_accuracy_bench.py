@@ -71,8 +71,8 @@ def test_summary_and_expected_outcome() -> None:
         4: {"paper r=2": Cell.of([70.0]), "corrected r=2": Cell.of([74.0])},
     }}
     lines = expected_outcome(table)
-    assert "+2.0 points below" in lines[0] and "**no**" in lines[0]
-    assert "+4.0 points above" in lines[1] and "**yes**" in lines[1]
+    assert "= +2.0 points" in lines[0] and "**no**" in lines[0]
+    assert "= +4.0 points" in lines[1] and "**yes**" in lines[1]
     assert [m.label for m in methods([2, 4])] == [PLAIN, "corrected r=2", "paper r=2", "corrected r=4", "paper r=4"]
 
 
