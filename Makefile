@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench bench-accuracy install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all
+
+# plain backprop vs gradient filtering, paper's convention vs stride correction; writes docs/accuracy.md
+bench-accuracy: $(VENV)/.installed
+	$(PY) -m benchmarks.accuracy --docs docs
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

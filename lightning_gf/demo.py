@@ -3,6 +3,7 @@
     python -m lightning_gf.demo                      # classification, timm test_resnet
     python -m lightning_gf.demo --task segmentation  # smp FPN over the same timm encoder
     python -m lightning_gf.demo --quick              # a reduced run (seconds), as the tests use
+    python -m lightning_gf.demo --no-lean            # the filter without its lean trained region
 
 1. Pretrains the whole network briefly on the ``pretrain`` split of the generated shapes
    (or reuses the checkpoint cached in the output folder).
@@ -50,6 +51,7 @@ class DemoConfig:
     depth: int = 4
     r: int = 2
     seed: int = 0
+    lean: bool = True  # the filter's lean trained region (False: plain filtered convs only)
 
     @classmethod
     def quick(cls, task: str = "classification") -> "DemoConfig":
@@ -128,7 +130,7 @@ def finetune(cfg: DemoConfig, checkpoint: str, r: int, name: str) -> RunResult:
     pl.seed_everything(cfg.seed, verbose=False)
     module = _module(cfg, checkpoint, lr=0.05 if cfg.task == "classification" else 0.01, optimizer="sgd")
     profiler = StepProfiler()
-    trainer = _trainer(cfg.finetune_epochs, [GradientFilterCallback(r=r, depth=cfg.depth), profiler])
+    trainer = _trainer(cfg.finetune_epochs, [GradientFilterCallback(r=r, depth=cfg.depth, lean=cfg.lean), profiler])
     data = _data(cfg, "finetune", cfg.finetune_size)
     trainer.fit(module, datamodule=data)
     metric = float(trainer.validate(module, datamodule=data, verbose=False)[0][cfg.metric])
@@ -209,7 +211,8 @@ def run_demo(cfg: DemoConfig, out: str) -> dict[str, Any]:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{cfg.task}, {cfg.model}{'' if cfg.task == 'classification' else ' ' + cfg.arch}, "
-          f"{cfg.image_size}px, batch {cfg.batch_size}, last {cfg.depth} convs, medians over steps:\n{table}")
+          f"{cfg.image_size}px, batch {cfg.batch_size}, last {cfg.depth} convs, lean {'on' if cfg.lean else 'off'}, "
+          f"medians over steps:\n{table}")
     print(f"(the pretrained network before fine-tuning: {'accuracy' if cfg.task == 'classification' else 'mIoU'} "
           f"{before:.3f} on the same validation set)")
     print(f"\nplots: {', '.join(plots)}\nresults: {os.path.join(out, 'results.json')}  ({seconds:.0f} s)")
@@ -223,12 +226,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run (tiny data, one epoch): seconds")
     parser.add_argument("--depth", type=int, help="number of last convs to fine-tune")
     parser.add_argument("--r", type=int, help="patch size of the gradient filter")
+    parser.add_argument("--no-lean", dest="lean", action="store_false",
+                        help="filter the convs only: BatchNorm/ReLU in the trained region keep their full inputs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: fastest on a CPU shared with other jobs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick(args.task) if args.quick else DemoConfig(task=args.task)
     overrides = {k: v for k, v in (("depth", args.depth), ("r", args.r)) if v is not None}
+    overrides["lean"] = args.lean
     if args.task == "segmentation" and not args.quick:
         overrides = {"depth": 5, "pretrain_size": 3072, "pretrain_epochs": 4, "finetune_epochs": 4, **overrides}
     cfg = DemoConfig(**{**asdict(cfg), **overrides})

@@ -40,3 +40,19 @@ def test_demo_quick_segmentation(tmp_path: Path, capsys: pytest.CaptureFixture) 
     v, f = (results["runs"][k]["summary"] for k in ("vanilla backprop", "gradient filter r=2"))
     assert 0 < f["kept_mb"] < v["kept_mb"] and 0 <= f["metric"] <= 1
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_demo_no_lean_keeps_more_and_leaves_vanilla_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    lean = run_demo(DemoConfig.quick(), str(tmp_path))
+    main(["--quick", "--no-lean", "--out", str(tmp_path)])
+    assert "lean off" in capsys.readouterr().out
+    plain = json.loads((tmp_path / "results.json").read_text())
+    assert lean["config"]["lean"] is True and plain["config"]["lean"] is False
+    name = "gradient filter r=2"
+    # without the lean region, BatchNorm/ReLU after the filtered convs keep full-size tensors
+    assert plain["runs"][name]["summary"]["kept_mb"] > lean["runs"][name]["summary"]["kept_mb"]
+    # the filtered convs themselves keep the same pooled inputs either way
+    assert plain["runs"][name]["summary"]["gf_activation_mb"] == pytest.approx(
+        lean["runs"][name]["summary"]["gf_activation_mb"])
+    # lean is a property of the filter: the vanilla run (r = 1) is the same run
+    assert plain["runs"]["vanilla backprop"]["summary"]["metric"] == lean["runs"]["vanilla backprop"]["summary"]["metric"]
