@@ -26,6 +26,7 @@ from torch import nn
 
 from benchmarks.timing import median_ms
 from lightning_gf import apply_gradient_filter
+from lightning_gf.saved_tensors import SavedTensorMeter
 
 MIB = 2**20
 
@@ -69,18 +70,11 @@ MODELS = [
 
 def kept_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Bytes of the distinct storages autograd saves during ``model(x)``, and the output."""
-    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    meter = SavedTensorMeter()
+    meter.skip_parameters_of(model, buffers=True)
+    with meter:
         out = model(x)
-    return sum(storages.values()), out
+    return meter.total_bytes, out
 
 
 def _loss(out) -> torch.Tensor:

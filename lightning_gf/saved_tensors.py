@@ -80,9 +80,11 @@ class SavedTensorMeter:
         self._saved_hooks.__enter__()
         return self
 
-    def skip_parameters_of(self, model: nn.Module) -> None:
-        """Do not count the parameters of ``model`` (call before the forward)."""
-        self._skip.update(k for p in model.parameters() if (k := _storage_key(p)) is not None)
+    def skip_parameters_of(self, model: nn.Module, *, buffers: bool = False) -> None:
+        """Do not count the parameters of ``model`` (and its buffers, with ``buffers=True``;
+        call before the forward)."""
+        tensors = list(model.parameters()) + (list(model.buffers()) if buffers else [])
+        self._skip.update(k for t in tensors if (k := _storage_key(t)) is not None)
 
     def __exit__(self, *exc: Any) -> None:
         if self._saved_hooks is not None:
