@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gf import cpu_kernels
 from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
 from lightning_gf.stats import FilterStats
@@ -23,8 +24,14 @@ Padding = Union[str, int, tuple[int, int]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # From this many patches per map on, per-sample matrix products beat one product over
-# transposed copies (measured on CPU; both are exact).
+# transposed copies of NCHW maps (measured on CPU; both are exact). Channel-major maps
+# (what the compiled kernels make) always take the single product, without copies.
 _MANY_PATCHES = 100
+
+
+def _channel_major(t: Tensor) -> bool:
+    """Whether ``t`` (N, C, h, w) is stored as (C, N, h, w): read as a (C, N*h*w) matrix for free."""
+    return t.transpose(0, 1).is_contiguous()
 
 _NO_DOUBLE_BACKWARD = (
     "lightning_gf: a filtered conv has no double backward (its backward is an approximation, computed once), "
@@ -49,6 +56,28 @@ def _pair_or_zero(value: IntPair) -> tuple[int, int]:
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# Maps of at least this many cells take the compiled kernels; on smaller ones PyTorch's
+# own vectorised ops were as fast or faster on the benchmark machine (docs/benchmarks-history.md).
+KERNEL_MIN_CELLS = 1 << 20
+
+
+def _use_kernels(t: Tensor, cells: int = 0) -> bool:
+    """Whether the compiled CPU kernels take ``t``: a plain CPU map, outside tracing, stored
+    NCHW or channel-major (what they make), whose pass covers ``cells`` (default: its own) cells."""
+    return (
+        (cells or t.numel()) >= KERNEL_MIN_CELLS
+        and t.device.type == "cpu"
+        and t.dtype in _KERNEL_DTYPES
+        and type(t) is Tensor
+        and (t.is_contiguous() or _channel_major(t))
+        and not torch.compiler.is_compiling()
+        and cpu_kernels.available()
+    )
 
 
 def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
@@ -87,6 +116,10 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
+    if _use_kernels(t):
+        return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
+            t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
+        )[0]
     t = t.to(_accumulation_dtype(t.dtype))
     pads = (before_w, after_w, before_h, after_h)
     if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)
@@ -108,12 +141,34 @@ def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
     return _patch_counts_cached(grid_h, grid_w, like.dtype, like.device)
 
 
-def _patch_sums_and_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
-    """Sums and means of ``grad_out`` over the valid cells of each output patch (one pass)."""
+def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
+    """Means of ``grad_out`` over the valid cells of each output patch, and its per-channel
+    sum (the exact bias gradient), in one pass."""
+    if _use_kernels(grad_out):
+        return torch.ops.lightning_gf_cpu.patch_pool(
+            grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
+            True, True,
+        )
     sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
+    total = sums.sum((0, 2, 3))
     if grid_h.out_before == grid_h.out_after == grid_w.out_before == grid_w.out_after == 0:
-        return sums, sums / (grid_h.r * grid_w.r)  # every patch is full
-    return sums, sums / _patch_counts(grid_h, grid_w, sums)
+        return sums / (grid_h.r * grid_w.r), total  # every patch is full
+    return sums / _patch_counts(grid_h, grid_w, sums), total
+
+
+def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, dtype: torch.dtype,
+                     channels_last: bool) -> Tensor:
+    """``g_x``: ``scale`` times each patch value, repeated over its input patch, as ``dtype``."""
+    height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
+    width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
+    if not channels_last and _use_kernels(low, low.shape[0] * low.shape[1] * height * width):
+        return torch.ops.lightning_gf_cpu.patch_spread(
+            low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype
+        )
+    if scale != 1:
+        low = low * scale
+    grad_x = _upsample_to_input(low, grid_h, grid_w).to(dtype)
+    return grad_x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
@@ -134,6 +189,14 @@ def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tenso
     return F.pad(full, pads)  # grid smaller than the input: crop and zero-fill
 
 
+def _tap_sums(w: Tensor) -> Tensor:
+    """``w.sum((2, 3))``: as a matrix-vector product, about 3x faster on CPU than the reduction."""
+    c_out, c_in_group, kh, kw = w.shape
+    if kh * kw == 1:
+        return w.reshape(c_out, c_in_group)
+    return torch.mv(w.reshape(c_out * c_in_group, kh * kw), w.new_ones(kh * kw)).reshape(c_out, c_in_group)
+
+
 def _low_res_input_grad(
     gbar: Tensor, weight: Tensor, r: int, dilation: tuple[int, int], groups: int
 ) -> Tensor:
@@ -145,7 +208,8 @@ def _low_res_input_grad(
     """
     w = weight.to(gbar.dtype)
     if dilation[0] < r and dilation[1] < r:
-        return _grouped_channel_mix(gbar, w.sum((2, 3)), groups, transpose=True)
+        taps = _tap_sums(w)
+        return _grouped_channel_mix(gbar, taps, groups, transpose=True)
     kept_dilation, crop = [], []
     for axis, d in enumerate(dilation):
         k = weight.shape[2 + axis]
@@ -173,6 +237,8 @@ def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool
     n, _, ph, pw = t.shape
     if groups == 1:
         mix = w2d.t() if transpose else w2d
+        if _channel_major(t):  # one product, no copies; the result is channel-major too
+            return (mix @ t.transpose(0, 1).reshape(t.shape[1], -1)).reshape(-1, n, ph, pw).transpose(0, 1)
         if ph * pw >= _MANY_PATCHES:  # a product per sample, no transposed copies
             return torch.matmul(mix, t.reshape(n, t.shape[1], ph * pw)).reshape(n, -1, ph, pw)
         flat = t.transpose(0, 1).reshape(t.shape[1], n * ph * pw)  # few patches: one product for all
@@ -193,7 +259,9 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
     c_in = xs.shape[1]
     c_in_group, c_out_group = c_in // groups, c_out // groups
     if groups == 1:
-        if gbar.shape[2] * gbar.shape[3] >= _MANY_PATCHES:  # a product per sample, summed
+        if _channel_major(gbar) and _channel_major(xs):  # one product over all samples and patches, no copies
+            per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
+        elif gbar.shape[2] * gbar.shape[3] >= _MANY_PATCHES:  # a product per sample, summed
             per_pair = torch.bmm(gbar.reshape(n, c_out, -1), xs.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
         else:  # few patches: one product over all samples and patches
             per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
@@ -315,8 +383,7 @@ def _(x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r
     return F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
 
 
-@torch.library.custom_op("lightning_gf::filtered_conv2d_backward", mutates_args=())
-def _filtered_conv2d_backward_op(
+def _filtered_backward(
     grad_out: Tensor,
     pooled: Optional[Tensor],
     weight: Tensor,
@@ -335,15 +402,11 @@ def _filtered_conv2d_backward_op(
     """``(g_x, g_w, g_b)`` of the filtered conv; an empty tensor for each one not needed."""
     grid_h = AxisGrid.build(x_size[2], grad_out.shape[2], r, stride[0])
     grid_w = AxisGrid.build(x_size[3], grad_out.shape[3], r, stride[1])
-    sums, gbar = _patch_sums_and_means(grad_out, grid_h, grid_w)
+    gbar, total = _patch_means_and_total(grad_out, grid_h, grid_w)
     grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
     if need_x:
         low = _low_res_input_grad(gbar, weight, r, (dilation[0], dilation[1]), groups)
-        if stride_scale != 1:
-            low = low / stride_scale
-        grad_x = _upsample_to_input(low, grid_h, grid_w).to(x_dtype)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        grad_x = grad_x.contiguous(memory_format=fmt)
+        grad_x = _spread_to_input(low, grid_h, grid_w, 1.0 / stride_scale, x_dtype, channels_last)
     if need_w:
         assert pooled is not None, "the pooled input is kept whenever the weight needs a gradient"
         grad_w = _weight_grad(gbar, pooled, weight.shape, groups)
@@ -351,8 +414,30 @@ def _filtered_conv2d_backward_op(
             grad_w = grad_w / stride_scale
         grad_w = grad_w.to(weight.dtype).contiguous()
     if need_b:  # exact: the patch sums add up to sum(g_y)
-        grad_b = sums.sum((0, 2, 3)).to(weight.dtype)
+        grad_b = total.to(weight.dtype)
     return grad_x, grad_w, grad_b
+
+
+@torch.library.custom_op("lightning_gf::filtered_conv2d_backward", mutates_args=())
+def _filtered_conv2d_backward_op(
+    grad_out: Tensor,
+    pooled: Optional[Tensor],
+    weight: Tensor,
+    x_size: list[int],
+    x_dtype: torch.dtype,
+    channels_last: bool,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    r: int,
+    stride_scale: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward as an opaque op for ``torch.compile`` graphs."""
+    return _filtered_backward(grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r,
+                              stride_scale, need_x, need_w, need_b)
 
 
 @_filtered_conv2d_backward_op.register_fake
@@ -388,6 +473,34 @@ def _backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
 
 
 _filtered_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FilteredConv2dFunction(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager mode: an
+    ``autograd.Function`` costs a tenth of a custom op's dispatch per call, which
+    matters on small maps. ``torch.compile`` traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], pooled: Optional[Tensor],  # type: ignore[override]
+                stride: list[int], padding: list[int], padding_str: str, dilation: list[int], groups: int, r: int,
+                stride_correction: bool) -> Tensor:
+        inputs = (x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r, stride_correction)
+        y = F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
+        _setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @once_differentiable(_NO_DOUBLE_BACKWARD)
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        pooled, weight = ctx.saved_tensors
+        x_size, x_dtype, channels_last = ctx.x_meta
+        stride, dilation, groups, r, stride_scale = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = _filtered_backward(
+            grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r, stride_scale,
+            need_x, need_w, need_b,
+        )
+        return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 8
 
 
 def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -460,7 +573,8 @@ def filtered_conv2d(
     grid_w = AxisGrid.build(input.shape[3], out_w, r, stride_pair[1])
     pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
     x, w, b = _autocast_inputs(input, weight, bias)
-    y = _filtered_conv2d_op(
+    conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
+    y = conv(
         x, w, b, pooled, list(stride_pair), padding_list, padding_str, list(dilation_pair), groups, r, stride_correction
     )
     if _stats is not None and not torch.compiler.is_compiling():

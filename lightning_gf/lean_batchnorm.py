@@ -22,7 +22,7 @@ from lightning_gf.functional import (
     _NO_DOUBLE_BACKWARD,
     _accumulation_dtype,
     _patch_counts,
-    _patch_sums_and_means,
+    _patch_means_and_total,
     pool_patches,
 )
 from lightning_gf.once_differentiable import once_differentiable
@@ -57,6 +57,13 @@ def _lean_batch_norm_backward_op(
     need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(g_x, g_weight, g_bias)``; an empty tensor for each one not needed."""
+    return _lean_backward(grad, pooled, mean, var, weight, eps, r, need_x, need_w, need_b)
+
+
+def _lean_backward(
+    grad: Tensor, pooled: Optional[Tensor], mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float, r: int,
+    need_x: bool, need_w: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     invstd = torch.rsqrt(var.float() + eps)
     grad_x, grad_w, grad_b = (grad.new_empty(0) for _ in range(3))
     if need_x:
@@ -64,11 +71,11 @@ def _lean_batch_norm_backward_op(
         grad_x = grad * scale.to(grad.dtype)[:, None, None]
     if need_w or need_b:
         grids = _grids(grad.shape, r)
-        sums, gbar = _patch_sums_and_means(grad, *grids)
+        gbar, total = _patch_means_and_total(grad, *grids)
         counts = _patch_counts(*grids, gbar)
         param_dtype = mean.dtype if weight is None else weight.dtype
         if need_b:  # exact
-            grad_b = sums.sum((0, 2, 3)).to(param_dtype)
+            grad_b = total.to(param_dtype)
         if need_w:
             assert pooled is not None and weight is not None
             centred = pooled - counts * mean.float()[:, None, None]
@@ -106,6 +113,30 @@ def _backward(ctx: Any, grad: Tensor, _grad_pooled: Any) -> tuple[Any, ...]:
 _lean_batch_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _LeanBatchNormFunction(torch.autograd.Function):
+    """The custom op's forward and backward for eager mode (a tenth of its dispatch cost);
+    ``torch.compile`` traces the custom op."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],  # type: ignore[override]
+                bias: Optional[Tensor], eps: float, r: int, pool: bool) -> Tensor:
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        pooled = pool_patches(x, *_grids(x.shape, r), on_input=True) if pool else None
+        ctx.save_for_backward(pooled, mean, var, weight)
+        ctx.eps, ctx.r = eps, r
+        return y
+
+    @staticmethod
+    @once_differentiable(_NO_DOUBLE_BACKWARD)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        pooled, mean, var, weight = ctx.saved_tensors
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        grad_x, grad_w, grad_b = _lean_backward(grad, pooled, mean, var, weight, ctx.eps, ctx.r, need_x, need_w,
+                                                need_b)
+        return (grad_x if need_x else None, None, None, grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None)
+
+
 def lean_batch_norm(
     x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, r: int
 ) -> Tensor:
@@ -119,7 +150,9 @@ def lean_batch_norm(
         True
     """
     pool = torch.is_grad_enabled() and weight is not None and weight.requires_grad
-    return _lean_batch_norm_op(x, mean, var, weight, bias, eps, r, pool)[0]
+    if torch.compiler.is_compiling():
+        return _lean_batch_norm_op(x, mean, var, weight, bias, eps, r, pool)[0]
+    return _LeanBatchNormFunction.apply(x, mean, var, weight, bias, eps, r, pool)
 
 
 def _is_timm_batchnorm_act(cls: type) -> bool:

@@ -8,3 +8,20 @@ OpenMP threads waiting for each other made a tiny training step 10x slower
 import torch
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+from lightning_gf import cpu_kernels, functional  # noqa: E402
+
+
+@pytest.fixture(params=["compiled", "plain"])
+def cpu_path(request):
+    """Run a test with the compiled CPU kernels, then with the plain PyTorch path."""
+    if request.param == "compiled" and not cpu_kernels.available():
+        pytest.skip("compiled CPU kernels unavailable (tests/test_cpu_kernels.py says why)")
+    previous = cpu_kernels.set_enabled(request.param == "compiled")
+    min_cells, functional.KERNEL_MIN_CELLS = functional.KERNEL_MIN_CELLS, 0  # tiny test maps take them too
+    yield request.param
+    cpu_kernels.set_enabled(previous)
+    functional.KERNEL_MIN_CELLS = min_cells

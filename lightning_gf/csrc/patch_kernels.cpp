@@ -1,0 +1,313 @@
+// CPU kernels of the gradient filter's memory-bound steps: one pass over a map to sum
+// (or average) it over a patch grid, and one pass to spread patch values back over a
+// map. Everything else (the two small matrix products) stays in ATen.
+//
+// A grid along one axis: patch p covers cells [p*k - before, (p+1)*k - before) of the
+// map, clipped to [0, size); `before` may be negative (the grid is smaller than the map
+// and the cells past it belong to no patch). Maps are NCHW-contiguous.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace lightning_gf {
+namespace {
+
+struct Span {
+  int64_t begin;  // first cell of the patch inside the map
+  int64_t end;    // one past its last cell (end <= begin: the patch misses the map)
+};
+
+std::vector<Span> spans(int64_t patches, int64_t k, int64_t before, int64_t size) {
+  std::vector<Span> out(patches);
+  for (int64_t p = 0; p < patches; ++p) {
+    out[p].begin = std::clamp<int64_t>(p * k - before, 0, size);
+    out[p].end = std::clamp<int64_t>((p + 1) * k - before, 0, size);
+  }
+  return out;
+}
+
+// Ask for transparent huge pages on a fresh buffer before its first write: a map of tens
+// of MB otherwise costs one page fault per 4 KiB, which is most of the time spent
+// writing it on some machines. A hint only; nothing changes where it is not honoured.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+void check_map(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lightning_gf: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4, "lightning_gf: ", name, " must be 4-D (N, C, H, W)");
+}
+
+// The patches [first, last) along an axis that lie whole inside the map (the others are
+// clipped by its edges and take the general path).
+struct WholeRange {
+  int64_t first;
+  int64_t last;
+};
+
+WholeRange whole_patches(int64_t patches, int64_t k, int64_t before, int64_t size) {
+  int64_t first = before > 0 ? (before + k - 1) / k : 0;
+  int64_t last = std::min<int64_t>(patches, (size + before) / k);
+  first = std::min(first, patches);
+  return {first, std::max(first, last)};
+}
+
+// line[j] = factor * values[q] for every column j of patch q; zero outside the grid.
+template <int KW, typename acc_t, typename out_t>
+void spread_columns(const acc_t* __restrict__ values, out_t* __restrict__ line, acc_t factor, int64_t k,
+                    int64_t before, int64_t w, const std::vector<Span>& cols, WholeRange whole) {
+  const int64_t kw = KW > 0 ? KW : k;
+  const int64_t patches = static_cast<int64_t>(cols.size());
+  std::fill(line, line + w, out_t(0));
+  for (int64_t q = 0; q < patches; ++q) {
+    if (q == whole.first) {  // whole patches: fixed width
+      out_t* base = line - before;
+      for (; q < whole.last; ++q) {
+        const out_t v = static_cast<out_t>(values[q] * factor);
+        for (int64_t t = 0; t < kw; ++t) base[q * kw + t] = v;
+      }
+      if (q >= patches) break;
+    }
+    const out_t v = static_cast<out_t>(values[q] * factor);
+    for (int64_t j = cols[q].begin; j < cols[q].end; ++j) line[j] = v;
+  }
+}
+
+// Maps of at most this many cells take the indexed path: per-row work would dominate.
+constexpr int64_t kSmallPlane = 1024;
+// How many small maps the indexed path walks side by side (independent sums in flight).
+constexpr int64_t kPlaneBlock = 16;
+
+// The patch of every cell of an h x w map, row-major; cells outside the grid get the
+// index one past the last patch.
+std::vector<int64_t> patch_index(const std::vector<Span>& rows, const std::vector<Span>& cols, int64_t h,
+                                 int64_t w) {
+  const int64_t ph = static_cast<int64_t>(rows.size()), pw = static_cast<int64_t>(cols.size());
+  std::vector<int64_t> index(h * w, ph * pw);
+  for (int64_t p = 0; p < ph; ++p)
+    for (int64_t i = rows[p].begin; i < rows[p].end; ++i)
+      for (int64_t q = 0; q < pw; ++q)
+        for (int64_t j = cols[q].begin; j < cols[q].end; ++j) index[i * w + j] = p * pw + q;
+  return index;
+}
+
+// Planes per task: about 1M cells. These passes are memory-bound, and on small machines
+// waking a second thread costs more (measured: ~0.3 ms) than it saves below that.
+int64_t plane_grain(int64_t cells) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cells, 1)); }
+
+template <typename Fn>
+void with_width(int64_t k, Fn&& fn) {
+  switch (k) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// Sums over the patches of a map that the grid tiles exactly (ph*kh rows and pw*kw
+// columns, row stride `stride`), times `scale`, into `out`; returns the map's total.
+// KH, KW > 0 fix the patch size at compile time (unrolled, vectorisable loop).
+template <int KH, int KW, typename scalar_t, typename acc_t>
+acc_t pool_tiled(const scalar_t* __restrict__ map, int64_t stride, acc_t* __restrict__ out, int64_t ph, int64_t pw,
+                 int64_t kh_dyn, int64_t kw_dyn, acc_t scale) {
+  const int64_t kh = KH > 0 ? KH : kh_dyn, kw = KW > 0 ? KW : kw_dyn;
+  acc_t total = 0;
+  for (int64_t p = 0; p < ph; ++p) {
+    const scalar_t* top = map + p * kh * stride;  // cell (i, t) of patch q: top[i * stride + q * kw + t]
+    acc_t* row_out = out + p * pw;
+    acc_t row_total = 0;
+    for (int64_t q = 0; q < pw; ++q) {
+      acc_t s = 0;
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t t = 0; t < kw; ++t) s += static_cast<acc_t>(top[i * stride + q * kw + t]);
+      row_total += s;
+      row_out[q] = s * scale;
+    }
+    total += row_total;
+  }
+  return total;
+}
+
+// Sum of every patch of the grid; when `mean`, divided by the number of its cells inside
+// the map (the mean of its valid cells). Also returns the per-channel total of the map,
+// shape (C,), when `channel_totals` (the exact bias gradient).
+std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t kh, int64_t kw,
+                                              int64_t before_h, int64_t before_w, int64_t ph,
+                                              int64_t pw, bool mean, bool channel_totals) {
+  check_map(input, "input");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && ph >= 1 && pw >= 1, "lightning_gf: bad patch grid");
+  const at::Tensor t = input.contiguous();
+  const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  const auto acc_dtype = at::toOpMathType(t.scalar_type());
+  // stored channel-major, (C, N, ph, pw), returned as an (N, C, ph, pw) view: the two
+  // products of the backward then read it as a (C, N*ph*pw) matrix without a copy
+  at::Tensor stored = at::empty({c, n, ph, pw}, t.options().dtype(acc_dtype));
+  at::Tensor out = stored.permute({1, 0, 2, 3});
+  at::Tensor plane_totals = at::empty({channel_totals ? n * c : 0}, t.options().dtype(acc_dtype));
+  // where the pooled map of plane (image i, channel k) = i * c + k starts in `stored`
+  const auto pooled_at = [n, c, ph, pw](int64_t plane) { return ((plane % c) * n + plane / c) * ph * pw; };
+  const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
+  const WholeRange whole = whole_patches(pw, kw, before_w, w);
+
+  // the grid tiles the map exactly: pool in place; otherwise copy each map into a
+  // zero-padded (or cropped) tile-aligned buffer first
+  const bool tiled = before_h == 0 && before_w == 0 && ph * kh == h && pw * kw == w;
+  const int64_t th = ph * kh, tw = pw * kw;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lightning_gf_patch_pool", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> inv_cells(ph * pw);  // 1 / (cells of the patch inside the map)
+    for (int64_t p = 0; p < ph; ++p)
+      for (int64_t q = 0; q < pw; ++q) {
+        const int64_t cells = std::max<int64_t>(rows[p].end - rows[p].begin, 0) *
+                              std::max<int64_t>(cols[q].end - cols[q].begin, 0);
+        inv_cells[p * pw + q] = cells > 0 ? acc_t(1) / static_cast<acc_t>(cells) : acc_t(0);
+      }
+    const acc_t scale = (mean && tiled) ? acc_t(1) / static_cast<acc_t>(kh * kw) : acc_t(1);
+    const scalar_t* src = t.const_data_ptr<scalar_t>();
+    acc_t* dst = stored.mutable_data_ptr<acc_t>();
+    acc_t* totals = channel_totals ? plane_totals.mutable_data_ptr<acc_t>() : nullptr;
+    // the rows and columns of the map that fall on the grid, and where they land in the buffer
+    const int64_t i0 = std::max<int64_t>(0, -before_h), i1 = std::min<int64_t>(h, th - before_h);
+    const int64_t j0 = std::max<int64_t>(0, -before_w), j1 = std::min<int64_t>(w, tw - before_w);
+    with_width(kh, [&](auto height) {
+      with_width(kw, [&](auto width) {
+        constexpr int KH = decltype(height)::value, KW = decltype(width)::value;
+        at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
+          std::vector<scalar_t> buffer(tiled ? 0 : th * tw, scalar_t(0));
+          for (int64_t plane = first; plane < last; ++plane) {
+            const scalar_t* map = src + plane * h * w;
+            acc_t* pooled = dst + pooled_at(plane);
+            acc_t total;
+            if (tiled) {
+              total = pool_tiled<KH, KW>(map, w, pooled, ph, pw, kh, kw, scale);
+            } else {
+              for (int64_t i = i0; i < i1; ++i)
+                std::copy(map + i * w + j0, map + i * w + j1, buffer.data() + (i + before_h) * tw + j0 + before_w);
+              total = pool_tiled<KH, KW>(buffer.data(), tw, pooled, ph, pw, kh, kw, acc_t(1));
+              if (mean)
+                for (int64_t k = 0; k < ph * pw; ++k) pooled[k] *= inv_cells[k];
+            }
+            if (totals != nullptr) totals[plane] = total;
+          }
+        });
+      });
+    });
+  });
+  at::Tensor bias = at::zeros({channel_totals ? c : 0}, stored.options());
+  if (channel_totals) {
+    AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "lightning_gf_channel_totals", [&] {
+      const scalar_t* planes = plane_totals.const_data_ptr<scalar_t>();
+      scalar_t* channels = bias.mutable_data_ptr<scalar_t>();
+      for (int64_t plane = 0; plane < n * c; ++plane) channels[plane % c] += planes[plane];
+    });
+  }
+  return {out, bias};
+}
+
+// A map of `size` (N, C, H, W), dtype `dtype`: each cell gets `scale` times the value of
+// the patch it falls in (zero outside the grid).
+at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                        int64_t before_h, int64_t before_w, double scale, at::ScalarType dtype) {
+  check_map(low_in, "low");
+  const int64_t n = low_in.size(0), c = low_in.size(1), ph = low_in.size(2), pw = low_in.size(3);
+  at::Tensor out = at::empty({n, c, h, w}, low_in.options().dtype(dtype));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
+  const WholeRange whole = whole_patches(pw, kw, before_w, w);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_patch_spread", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor values = low_in.to(c10::CppTypeToScalarType<acc_t>::value);
+    if (values.stride(3) != 1 || values.stride(2) != pw) values = values.contiguous();  // rows of patches
+    const acc_t factor = static_cast<acc_t>(scale);
+    const acc_t* src = values.const_data_ptr<acc_t>();
+    // the patch values of plane (image i, channel k) = i * c + k: any image/channel strides
+    const int64_t stride_n = values.stride(0), stride_c = values.stride(1);
+    const auto patches_at = [c, stride_n, stride_c](int64_t plane) {
+      return (plane / c) * stride_n + (plane % c) * stride_c;
+    };
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    if (h * w <= kSmallPlane) {  // small maps: one indexed pass per plane
+      const std::vector<int64_t> patch_of = patch_index(rows, cols, h, w);
+      const int64_t slots = ph * pw + 1;  // the last slot holds the zero of cells outside the grid
+      at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
+        std::vector<scalar_t> value(kPlaneBlock * slots, scalar_t(0));
+        for (int64_t block = first; block < last; block += kPlaneBlock) {
+          const int64_t planes = std::min(kPlaneBlock, last - block);
+          for (int64_t b = 0; b < planes; ++b)
+            for (int64_t k = 0; k < ph * pw; ++k)
+              value[b * slots + k] = static_cast<scalar_t>(src[patches_at(block + b) + k] * factor);
+          scalar_t* maps = dst + block * h * w;
+          for (int64_t e = 0; e < h * w; ++e) {
+            const scalar_t* slot = value.data() + patch_of[e];
+            for (int64_t b = 0; b < planes; ++b) maps[b * h * w + e] = slot[b * slots];
+          }
+        }
+      });
+      return;
+    }
+    with_width(kw, [&](auto width) {
+      constexpr int KW = decltype(width)::value;
+      at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
+        for (int64_t plane = first; plane < last; ++plane) {
+          const acc_t* patches = src + patches_at(plane);
+          scalar_t* map = dst + plane * h * w;
+          int64_t covered = 0;  // rows written so far
+          for (int64_t p = 0; p < ph; ++p) {
+            if (rows[p].end <= rows[p].begin) continue;
+            std::fill(map + covered * w, map + rows[p].begin * w, scalar_t(0));  // rows before the grid
+            scalar_t* first_row = map + rows[p].begin * w;
+            spread_columns<KW>(patches + p * pw, first_row, factor, kw, before_w, w, cols, whole);
+            for (int64_t i = rows[p].begin + 1; i < rows[p].end; ++i)
+              std::copy(first_row, first_row + w, map + i * w);
+            covered = rows[p].end;
+          }
+          std::fill(map + covered * w, map + h * w, scalar_t(0));  // rows after the grid
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lightning_gf_cpu, m) {
+  m.def("patch_pool(Tensor input, int kh, int kw, int before_h, int before_w, int ph, int pw, bool mean, "
+        "bool channel_totals) -> (Tensor, Tensor)");
+  m.def("patch_spread(Tensor low, int h, int w, int kh, int kw, int before_h, int before_w, float scale, "
+        "ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lightning_gf_cpu, CPU, m) {
+  m.impl("patch_pool", &patch_pool);
+  m.impl("patch_spread", &patch_spread);
+}
+
+}  // namespace lightning_gf

@@ -1,0 +1,140 @@
+"""The compiled CPU kernels against the plain PyTorch path they replace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_gf import cpu_kernels, functional
+from lightning_gf.functional import _patch_means_and_total, _spread_to_input, pool_patches
+from lightning_gf.patch_grid import AxisGrid
+
+# (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
+GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9, 11, 4, 2), (2, 3, 7, 5, 2, 3),
+         (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1)]
+
+
+def _plain(fn, *args, **kwargs):
+    previous = cpu_kernels.set_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        cpu_kernels.set_enabled(previous)
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    if not cpu_kernels.available():
+        pytest.fail("the compiled CPU kernels did not build here; see the warning above (a C++ compiler is needed)")
+    monkeypatch.setattr(functional, "KERNEL_MIN_CELLS", 0)  # the small maps below take them too
+
+
+def _grids(h, w, r, stride):
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    return AxisGrid.build(h, oh, r, stride), AxisGrid.build(w, ow, r, stride), (oh, ow)
+
+
+def test_kernels_build_and_load_here():
+    assert cpu_kernels.available()
+    assert (cpu_kernels.build_directory() / "lightning_gf_cpu.so").exists()
+    assert hasattr(torch.ops.lightning_gf_cpu, "patch_pool")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c,h,w,r,stride", GRIDS)
+def test_patch_pool_matches_plain_path(n, c, h, w, r, stride, dtype):
+    grid_h, grid_w, out_size = _grids(h, w, r, stride)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    gy = torch.randn(n, c, *out_size, generator=g).to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool_patches(x, grid_h, grid_w, on_input=True),
+                               _plain(pool_patches, x, grid_h, grid_w, on_input=True), **tol)
+    means, total = _patch_means_and_total(gy, grid_h, grid_w)
+    plain_means, plain_total = _plain(_patch_means_and_total, gy, grid_h, grid_w)
+    torch.testing.assert_close(means, plain_means, **tol)
+    torch.testing.assert_close(total, plain_total, **tol)
+    assert means.dtype == plain_means.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,h,w,r,stride", GRIDS)
+def test_spread_matches_plain_path(n, c, h, w, r, stride, dtype, scale):
+    grid_h, grid_w, _ = _grids(h, w, r, stride)
+    low_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    low = torch.randn(n, c, grid_h.patches, grid_w.patches, dtype=low_dtype)
+    out = _spread_to_input(low, grid_h, grid_w, scale, dtype, False)
+    expected = _plain(_spread_to_input, low, grid_h, grid_w, scale, dtype, False)
+    assert out.shape == (n, c, h, w) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_spread_reads_channel_major_patches():
+    """The products leave ``low`` stored (C, N, h, w); the kernel reads it in place."""
+    grid_h, grid_w, _ = _grids(9, 11, 2, 1)
+    low = torch.randn(5, 3, grid_h.patches, grid_w.patches).transpose(0, 1)  # (3, 5, ...) stored (5, 3, ...)
+    assert not low.is_contiguous()
+    out = _spread_to_input(low, grid_h, grid_w, 1.0, torch.float32, False)
+    torch.testing.assert_close(out, _plain(_spread_to_input, low.contiguous(), grid_h, grid_w, 1.0, torch.float32,
+                                           False), rtol=0, atol=0)
+
+
+def test_pooled_maps_are_channel_major():
+    grid_h, grid_w, _ = _grids(8, 8, 2, 1)
+    pooled = pool_patches(torch.randn(2, 3, 8, 8), grid_h, grid_w, on_input=True)
+    assert pooled.shape == (2, 3, 4, 4) and pooled.transpose(0, 1).is_contiguous()
+
+
+def test_large_map_spread_is_exact():
+    """Maps of several MB take the huge-page path: the values must not change."""
+    grid_h, grid_w, _ = _grids(256, 250, 2, 1)  # 2x20 maps of 256x250 floats: 10 MB
+    low = torch.randn(2, 20, grid_h.patches, grid_w.patches)
+    out = _spread_to_input(low, grid_h, grid_w, 1.0, torch.float32, False)
+    assert out.nbytes > 8 * 2**20
+    torch.testing.assert_close(out, _plain(_spread_to_input, low, grid_h, grid_w, 1.0, torch.float32, False),
+                               rtol=0, atol=0)
+
+
+def test_non_contiguous_and_channels_last_maps_take_the_plain_path():
+    grid_h, grid_w, _ = _grids(8, 8, 2, 1)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(pool_patches(x, grid_h, grid_w, on_input=True),
+                               _plain(pool_patches, x.contiguous(), grid_h, grid_w, on_input=True))
+    low = torch.randn(2, 3, 4, 4)
+    out = _spread_to_input(low, grid_h, grid_w, 1.0, torch.float32, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_switch_off_by_environment_and_cached_reuse(tmp_path):
+    """``LIGHTNING_GF_CPU_KERNELS=0`` turns them off; a fresh process loads the cached build without compiling."""
+    code = "import lightning_gf.cpu_kernels as k; print(k.available())"
+    env = dict(os.environ, LIGHTNING_GF_CPU_KERNELS="0")
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "False"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == "True"
+    assert "compiling" not in on.stderr  # already built by this session: loaded from the cache
+
+
+def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """No compiler: a warning that says why, and the plain path (same gradients)."""
+    code = (
+        "import warnings, torch\n"
+        "import lightning_gf.cpu_kernels as k\n"
+        "from lightning_gf import functional\n"
+        "functional.KERNEL_MIN_CELLS = 0\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x = torch.randn(1, 2, 6, 6, requires_grad=True)\n"
+        "    functional.filtered_conv2d(x, torch.randn(3, 2, 3, 3), padding=1, r=2).sum().backward()\n"
+        "print(k.available(), any('could not build the CPU kernels' in str(w.message) for w in caught),\n"
+        "      bool(x.grad.abs().sum() > 0))\n"
+    )
+    env = dict(os.environ, LIGHTNING_GF_CACHE=str(tmp_path), CXX="/nonexistent/c++", PATH="/nonexistent")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
