@@ -61,23 +61,55 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-# Maps of at least this many cells take the compiled kernels; on smaller ones PyTorch's
-# own vectorised ops were as fast or faster on the benchmark machine (docs/benchmarks-history.md).
-KERNEL_MIN_CELLS = 1 << 20
-
-
-def _use_kernels(t: Tensor, cells: int = 0) -> bool:
-    """Whether the compiled CPU kernels take ``t``: a plain CPU map, outside tracing, stored
-    NCHW or channel-major (what they make), whose pass covers ``cells`` (default: its own) cells."""
+def _use_kernels(t: Tensor) -> bool:
+    """Whether the compiled CPU kernels take ``t``: a plain CPU tensor, outside tracing, stored
+    contiguous or channel-major (what they make)."""
     return (
-        (cells or t.numel()) >= KERNEL_MIN_CELLS
-        and t.device.type == "cpu"
+        t.device.type == "cpu"
         and t.dtype in _KERNEL_DTYPES
         and type(t) is Tensor
         and (t.is_contiguous() or _channel_major(t))
         and not torch.compiler.is_compiling()
         and cpu_kernels.available()
     )
+
+
+# Small maps cut into few patches are pooled and spread by one matrix product with a 0/1
+# cell-to-patch matrix: one call, however irregular the grid (measured faster on CPU than
+# per-map loops for maps up to 32x32 with at most 16 patches). A non-finite value then
+# reaches the other patches of its map as NaN (0 * inf), where it would stay in its own
+# patch otherwise; the gradient is unusable either way.
+_SMALL_MAP = 1024
+_FEW_PATCHES = 16
+
+
+def _is_small(h: int, w: int, grid_h: AxisGrid, grid_w: AxisGrid) -> bool:
+    return h * w <= _SMALL_MAP and grid_h.patches * grid_w.patches <= _FEW_PATCHES
+
+
+@functools.lru_cache(maxsize=256)
+def _membership_cached(grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool, dtype: torch.dtype,
+                       device: torch.device) -> Tensor:
+    def axis(grid: AxisGrid) -> Tensor:
+        cells = torch.tensor(grid.cell_patches(on_input))
+        return (cells[:, None] == torch.arange(grid.patches)[None, :]).to(dtype)
+
+    return torch.kron(axis(grid_h), axis(grid_w)).to(device)  # (H*W, P_h*P_w)
+
+
+def _membership_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half)."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return a @ b
+    return a @ b
+
+
+def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool, like: Tensor) -> Tensor:
+    """``(H*W, P)``: 1 where a cell of the map lies in a patch."""
+    if torch.compiler.is_compiling():
+        return _membership_cached.__wrapped__(grid_h, grid_w, on_input, like.dtype, like.device)
+    return _membership_cached(grid_h, grid_w, on_input, like.dtype, like.device)
 
 
 def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
@@ -116,6 +148,11 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
+    n, c, h, w = t.shape
+    if _is_small(h, w, grid_h, grid_w) and not t.is_contiguous(memory_format=torch.channels_last):
+        t = t.detach().to(_accumulation_dtype(t.dtype))
+        member = _membership(grid_h, grid_w, on_input, t)
+        return _membership_product(t.reshape(n * c, h * w), member).reshape(n, c, grid_h.patches, grid_w.patches)
     if _use_kernels(t):
         return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
             t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
@@ -156,12 +193,30 @@ def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid)
     return sums / _patch_counts(grid_h, grid_w, sums), total
 
 
+def _small_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
+    """:func:`_patch_means_and_total` for a small map: one product with the 0/1 membership
+    scaled by ``1 / cells`` per patch, plus a column of ones for the totals."""
+    n, c, h, w = grad_out.shape
+    g = grad_out.to(_accumulation_dtype(grad_out.dtype))
+    member = _membership(grid_h, grid_w, False, g)
+    weights = torch.cat([member / member.sum(0).clamp_min(1), member.new_ones(h * w, 1)], 1)
+    out = _membership_product(g.reshape(n * c, h * w), weights)
+    means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
+    return means, out[:, -1].reshape(n, c).sum(0)
+
+
 def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, dtype: torch.dtype,
                      channels_last: bool) -> Tensor:
     """``g_x``: ``scale`` times each patch value, repeated over its input patch, as ``dtype``."""
     height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
     width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
-    if not channels_last and _use_kernels(low, low.shape[0] * low.shape[1] * height * width):
+    if not channels_last and _is_small(height, width, grid_h, grid_w):
+        n, c = low.shape[:2]
+        member = _membership(grid_h, grid_w, True, low)
+        if scale != 1:
+            member = member * scale
+        return _membership_product(low.reshape(n * c, -1), member.t()).reshape(n, c, height, width).to(dtype)
+    if not channels_last and _use_kernels(low):
         return torch.ops.lightning_gf_cpu.patch_spread(
             low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype
         )
@@ -194,6 +249,8 @@ def _tap_sums(w: Tensor) -> Tensor:
     c_out, c_in_group, kh, kw = w.shape
     if kh * kw == 1:
         return w.reshape(c_out, c_in_group)
+    if _use_kernels(w):
+        return torch.ops.lightning_gf_cpu.tap_sums(w)
     return torch.mv(w.reshape(c_out * c_in_group, kh * kw), w.new_ones(kh * kw)).reshape(c_out, c_in_group)
 
 
@@ -253,8 +310,19 @@ def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool
     return out.reshape(n, -1, ph, pw)
 
 
-def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int) -> Tensor:
-    """One value per (out, in) channel pair, shared by every kernel tap."""
+def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int, scale: float,
+                 dtype: torch.dtype) -> Tensor:
+    """``g_w``: ``scale`` times one value per (out, in) channel pair, shared by every kernel tap."""
+    per_pair = _weight_grad_per_pair(gbar, xs, groups)
+    if _use_kernels(per_pair):
+        return torch.ops.lightning_gf_cpu.tap_broadcast(per_pair, weight_shape[2], weight_shape[3], scale, dtype)
+    if scale != 1:
+        per_pair = per_pair * scale
+    return per_pair[:, :, None, None].expand(weight_shape).to(dtype).contiguous()
+
+
+def _weight_grad_per_pair(gbar: Tensor, xs: Tensor, groups: int) -> Tensor:
+    """``(C_out, C_in/groups)``: the product of the patch means of ``g_y`` and the patch sums of ``x``."""
     n, c_out = gbar.shape[:2]
     c_in = xs.shape[1]
     c_in_group, c_out_group = c_in // groups, c_out // groups
@@ -272,7 +340,7 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
         g_bar = gbar.reshape(n, groups, c_out_group, -1)
         x_s = xs.reshape(n, groups, c_in_group, -1)
         per_pair = torch.einsum("ngop,ngcp->goc", g_bar, x_s).reshape(c_out, c_in_group)
-    return per_pair[:, :, None, None].expand(weight_shape)
+    return per_pair
 
 
 def _reads_of(x: Tensor) -> dict[Any, Any]:
@@ -409,10 +477,7 @@ def _filtered_backward(
         grad_x = _spread_to_input(low, grid_h, grid_w, 1.0 / stride_scale, x_dtype, channels_last)
     if need_w:
         assert pooled is not None, "the pooled input is kept whenever the weight needs a gradient"
-        grad_w = _weight_grad(gbar, pooled, weight.shape, groups)
-        if stride_scale != 1:
-            grad_w = grad_w / stride_scale
-        grad_w = grad_w.to(weight.dtype).contiguous()
+        grad_w = _weight_grad(gbar, pooled, weight.shape, groups, 1.0 / stride_scale, weight.dtype)
     if need_b:  # exact: the patch sums add up to sum(g_y)
         grad_b = total.to(weight.dtype)
     return grad_x, grad_w, grad_b

@@ -67,3 +67,16 @@ class AxisGrid:
             min((i + 1) * self.r - self.out_before, size) - max(i * self.r - self.out_before, 0)
             for i in range(self.patches)
         ]
+
+    def cell_patches(self, on_input: bool) -> list[int]:
+        """The patch of each cell of the map (input or output), ``-1`` outside the grid.
+
+        Example:
+            >>> AxisGrid.build(in_size=7, out_size=7, r=2, stride=1).cell_patches(on_input=True)
+            [0, 1, 1, 2, 2, 3, 3]
+        """
+        k, before, after = (self.in_patch, self.in_before, self.in_after) if on_input else (
+            self.r, self.out_before, self.out_after)
+        size = self.patches * k - before - after
+        return [(i + before) // k if 0 <= i + before < self.patches * k else -1 for i in range(size)]
+

@@ -10,18 +10,42 @@ import torch
 torch.set_num_threads(1)
 
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
-from lightning_gf import cpu_kernels, functional  # noqa: E402
+from lightning_gf import cpu_kernels  # noqa: E402
 
 
-@pytest.fixture(params=["compiled", "plain"])
+# How the filter pools and spreads maps: the compiled kernels, PyTorch's ops, or the
+# 0/1 matrix product it uses on small maps (each forced on every map size).
+CPU_PATHS = {
+    "compiled": dict(kernels=True, small_map=0, few_patches=0),
+    "plain": dict(kernels=False, small_map=0, few_patches=0),
+    "small_maps": dict(kernels=False, small_map=10**9, few_patches=10**9),
+}
+
+
+@contextlib.contextmanager
+def cpu_path_forced(name):
+    """Force one of ``CPU_PATHS`` for the duration of the block."""
+    from lightning_gf import functional
+
+    path = CPU_PATHS[name]
+    saved = (functional._SMALL_MAP, functional._FEW_PATCHES)
+    previous = cpu_kernels.set_enabled(path["kernels"])
+    functional._SMALL_MAP, functional._FEW_PATCHES = path["small_map"], path["few_patches"]
+    try:
+        yield
+    finally:
+        cpu_kernels.set_enabled(previous)
+        functional._SMALL_MAP, functional._FEW_PATCHES = saved
+
+
+@pytest.fixture(params=list(CPU_PATHS))
 def cpu_path(request):
-    """Run a test with the compiled CPU kernels, then with the plain PyTorch path."""
+    """Run a test once per way of pooling and spreading maps (see ``CPU_PATHS``)."""
     if request.param == "compiled" and not cpu_kernels.available():
         pytest.skip("compiled CPU kernels unavailable (tests/test_cpu_kernels.py says why)")
-    previous = cpu_kernels.set_enabled(request.param == "compiled")
-    min_cells, functional.KERNEL_MIN_CELLS = functional.KERNEL_MIN_CELLS, 0  # tiny test maps take them too
-    yield request.param
-    cpu_kernels.set_enabled(previous)
-    functional.KERNEL_MIN_CELLS = min_cells
+    with cpu_path_forced(request.param):
+        yield request.param

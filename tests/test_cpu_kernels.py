@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from lightning_gf import cpu_kernels, functional
-from lightning_gf.functional import _patch_means_and_total, _spread_to_input, pool_patches
+from lightning_gf import cpu_kernels
+from lightning_gf.functional import _patch_means_and_total, _spread_to_input, _tap_sums, _weight_grad, pool_patches
 from lightning_gf.patch_grid import AxisGrid
+from tests.conftest import cpu_path_forced
 
 # (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
 GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9, 11, 4, 2), (2, 3, 7, 5, 2, 3),
@@ -19,18 +20,16 @@ GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9,
 
 
 def _plain(fn, *args, **kwargs):
-    previous = cpu_kernels.set_enabled(False)
-    try:
+    with cpu_path_forced("plain"):
         return fn(*args, **kwargs)
-    finally:
-        cpu_kernels.set_enabled(previous)
 
 
 @pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
+def _kernels():
     if not cpu_kernels.available():
         pytest.fail("the compiled CPU kernels did not build here; see the warning above (a C++ compiler is needed)")
-    monkeypatch.setattr(functional, "KERNEL_MIN_CELLS", 0)  # the small maps below take them too
+    with cpu_path_forced("compiled"):  # even on the small maps below
+        yield
 
 
 def _grids(h, w, r, stride):
@@ -90,6 +89,37 @@ def test_pooled_maps_are_channel_major():
     assert pooled.shape == (2, 3, 4, 4) and pooled.transpose(0, 1).is_contiguous()
 
 
+@pytest.mark.parametrize("n,c,h,w,r,stride", GRIDS)
+def test_small_map_products_match_plain_path(n, c, h, w, r, stride):
+    """The 0/1-matrix product the filter uses on small maps, against the loops."""
+    grid_h, grid_w, out_size = _grids(h, w, r, stride)
+    g = torch.Generator().manual_seed(1)
+    x, gy = torch.randn(n, c, h, w, generator=g), torch.randn(n, c, *out_size, generator=g)
+    low = torch.randn(n, c, grid_h.patches, grid_w.patches, generator=g)
+    with cpu_path_forced("small_maps"):
+        got = (pool_patches(x, grid_h, grid_w, on_input=True), *_patch_means_and_total(gy, grid_h, grid_w),
+               _spread_to_input(low, grid_h, grid_w, 0.25, torch.float32, False))
+    want = (_plain(pool_patches, x, grid_h, grid_w, on_input=True), *_plain(_patch_means_and_total, gy, grid_h, grid_w),
+            _plain(_spread_to_input, low, grid_h, grid_w, 0.25, torch.float32, False))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 1, 3, 3), (2, 6, 1, 1), (3, 2, 5, 3)])
+def test_tap_sums_and_weight_grad_broadcast_match_plain_path(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_tap_sums(w), _plain(_tap_sums, w), rtol=1e-12, atol=1e-12)
+    groups = shape[0] if shape[1] == 1 else 1
+    c_in = shape[1] * groups
+    gbar, xs = torch.randn(2, shape[0], 3, 3, generator=g), torch.randn(2, c_in, 3, 3, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = _weight_grad(gbar, xs, torch.Size(shape), groups, 0.25, dtype)
+        want = _plain(_weight_grad, gbar, xs, torch.Size(shape), groups, 0.25, dtype)
+        assert got.shape == shape and got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_large_map_spread_is_exact():
     """Maps of several MB take the huge-page path: the values must not change."""
     grid_h, grid_w, _ = _grids(256, 250, 2, 1)  # 2x20 maps of 256x250 floats: 10 MB
@@ -127,7 +157,6 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
         "import warnings, torch\n"
         "import lightning_gf.cpu_kernels as k\n"
         "from lightning_gf import functional\n"
-        "functional.KERNEL_MIN_CELLS = 0\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    x = torch.randn(1, 2, 6, 6, requires_grad=True)\n"

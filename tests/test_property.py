@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_gf import cpu_kernels, functional
 from lightning_gf.functional import filtered_conv2d
+from tests.conftest import CPU_PATHS, cpu_path_forced
 from tests.reference import reference_grads
 
 
@@ -27,21 +27,16 @@ def conv_configs(draw):
         "n": draw(st.integers(1, 2)), "c_in": c_in, "c_out": c_out, "k": (kh, kw), "size": (h, w),
         "stride": (sh, sw), "padding": (ph, pw), "dilation": (dh, dw), "groups": groups,
         "r": draw(st.integers(2, 5)), "bias": draw(st.booleans()), "stride_correction": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**16)), "compiled_kernels": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)), "cpu_path": draw(st.sampled_from(sorted(CPU_PATHS))),
     }
 
 
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_configs())
 def test_filtered_conv2d_matches_the_reference(cfg):
-    previous = cpu_kernels.set_enabled(cfg["compiled_kernels"])
-    min_cells, functional.KERNEL_MIN_CELLS = functional.KERNEL_MIN_CELLS, 0
-    try:
+    with cpu_path_forced(cfg["cpu_path"]):
         _check_against_reference(cfg)
-    finally:
-        cpu_kernels.set_enabled(previous)
-        functional.KERNEL_MIN_CELLS = min_cells
-
+    
 
 def _check_against_reference(cfg):
     g = torch.Generator().manual_seed(cfg["seed"])

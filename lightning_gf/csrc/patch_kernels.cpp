@@ -1,6 +1,7 @@
 // CPU kernels of the gradient filter's memory-bound steps: one pass over a map to sum
-// (or average) it over a patch grid, and one pass to spread patch values back over a
-// map. Everything else (the two small matrix products) stays in ATen.
+// (or average) it over a patch grid, one pass to spread patch values back over a map,
+// and the two per-kernel steps on weights (sum the taps, broadcast one value over them).
+// The two matrix products stay in ATen.
 //
 // A grid along one axis: patch p covers cells [p*k - before, (p+1)*k - before) of the
 // map, clipped to [0, size); `before` may be negative (the grid is smaller than the map
@@ -79,7 +80,8 @@ void spread_columns(const acc_t* __restrict__ values, out_t* __restrict__ line, 
                     int64_t before, int64_t w, const std::vector<Span>& cols, WholeRange whole) {
   const int64_t kw = KW > 0 ? KW : k;
   const int64_t patches = static_cast<int64_t>(cols.size());
-  std::fill(line, line + w, out_t(0));
+  if (whole.first > 0 || whole.last < patches || before != 0 || patches * kw != w)  // cells outside the grid
+    std::fill(line, line + w, out_t(0));
   for (int64_t q = 0; q < patches; ++q) {
     if (q == whole.first) {  // whole patches: fixed width
       out_t* base = line - before;
@@ -112,9 +114,9 @@ std::vector<int64_t> patch_index(const std::vector<Span>& rows, const std::vecto
   return index;
 }
 
-// Planes per task: about 1M cells. These passes are memory-bound, and on small machines
+// Planes per task: about 64K cells. These passes are memory-bound, and on small machines
 // waking a second thread costs more (measured: ~0.3 ms) than it saves below that.
-int64_t plane_grain(int64_t cells) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cells, 1)); }
+int64_t plane_grain(int64_t cells) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(cells, 1)); }
 
 template <typename Fn>
 void with_width(int64_t k, Fn&& fn) {
@@ -253,7 +255,8 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
       return (plane / c) * stride_n + (plane % c) * stride_c;
     };
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    if (h * w <= kSmallPlane) {  // small maps: one indexed pass per plane
+    const bool tiled = before_h == 0 && before_w == 0 && ph * kh == h && pw * kw == w;
+    if (h * w <= kSmallPlane && !tiled) {  // small maps cut by the grid: one indexed pass per plane
       const std::vector<int64_t> patch_of = patch_index(rows, cols, h, w);
       const int64_t slots = ph * pw + 1;  // the last slot holds the zero of cells outside the grid
       at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
@@ -296,9 +299,51 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
   return out;
 }
 
+// (C_out, C_in/groups): the sum of each kernel's taps (the filter's low-resolution weight).
+at::Tensor tap_sums(const at::Tensor& weight_in) {
+  TORCH_CHECK(weight_in.device().is_cpu() && weight_in.dim() == 4, "lightning_gf: weight must be a 4-D CPU tensor");
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t pairs = weight.size(0) * weight.size(1), taps = weight.size(2) * weight.size(3);
+  at::Tensor out = at::empty({weight.size(0), weight.size(1)}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lightning_gf_tap_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = weight.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        acc_t s = 0;
+        for (int64_t t = 0; t < taps; ++t) s += static_cast<acc_t>(src[k * taps + t]);
+        dst[k] = static_cast<scalar_t>(s);
+      }
+    });
+  });
+  return out;
+}
+
+// (C_out, C_in/groups, kh, kw) of dtype `dtype`, each kernel filled with its pair's value
+// times `scale` (the filter's weight gradient: one value shared by every tap).
+at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, double scale, at::ScalarType dtype) {
+  TORCH_CHECK(pairs_in.device().is_cpu() && pairs_in.dim() == 2, "lightning_gf: pairs must be a 2-D CPU tensor");
+  const int64_t taps = kh * kw, pairs = pairs_in.numel();
+  at::Tensor out = at::empty({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_tap_broadcast", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor values = pairs_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* src = values.const_data_ptr<acc_t>();
+    const acc_t factor = static_cast<acc_t>(scale);
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) std::fill_n(dst + k * taps, taps, static_cast<scalar_t>(src[k] * factor));
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lightning_gf_cpu, m) {
+  m.def("tap_sums(Tensor weight) -> Tensor");
+  m.def("tap_broadcast(Tensor pairs, int kh, int kw, float scale, ScalarType dtype) -> Tensor");
   m.def("patch_pool(Tensor input, int kh, int kw, int before_h, int before_w, int ph, int pw, bool mean, "
         "bool channel_totals) -> (Tensor, Tensor)");
   m.def("patch_spread(Tensor low, int h, int w, int kh, int kw, int before_h, int before_w, float scale, "
@@ -308,6 +353,8 @@ TORCH_LIBRARY(lightning_gf_cpu, m) {
 TORCH_LIBRARY_IMPL(lightning_gf_cpu, CPU, m) {
   m.impl("patch_pool", &patch_pool);
   m.impl("patch_spread", &patch_spread);
+  m.impl("tap_sums", &tap_sums);
+  m.impl("tap_broadcast", &tap_broadcast);
 }
 
 }  // namespace lightning_gf
