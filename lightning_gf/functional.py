@@ -88,13 +88,16 @@ def _is_small(h: int, w: int, grid_h: AxisGrid, grid_w: AxisGrid) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _membership_cached(grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool, dtype: torch.dtype,
+def _membership_cached(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], dtype: torch.dtype,
                        device: torch.device) -> Tensor:
     def axis(grid: AxisGrid) -> Tensor:
-        cells = torch.tensor(grid.cell_patches(on_input))
-        return (cells[:, None] == torch.arange(grid.patches)[None, :]).to(dtype)
+        cells = torch.tensor(grid.cell_patches(bool(on_input)))
+        return (cells[:, None] == torch.arange(grid.patches)[None, :]).to(torch.float64)
 
-    return torch.kron(axis(grid_h), axis(grid_w)).to(device)  # (H*W, P_h*P_w)
+    member = torch.kron(axis(grid_h), axis(grid_w))  # (H*W, P_h*P_w)
+    if on_input is None:  # output means, then a column of ones for the map's total
+        member = torch.cat([member / member.sum(0).clamp_min(1), member.new_ones(member.shape[0], 1)], 1)
+    return member.to(dtype=dtype, device=device)
 
 
 def _membership_product(a: Tensor, b: Tensor) -> Tensor:
@@ -105,8 +108,9 @@ def _membership_product(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool, like: Tensor) -> Tensor:
-    """``(H*W, P)``: 1 where a cell of the map lies in a patch."""
+def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], like: Tensor) -> Tensor:
+    """``(H*W, P)``: 1 where a cell of the map lies in a patch. ``on_input=None``: output
+    patches, each column divided by its cell count, and a last column of ones."""
     if torch.compiler.is_compiling():
         return _membership_cached.__wrapped__(grid_h, grid_w, on_input, like.dtype, like.device)
     return _membership_cached(grid_h, grid_w, on_input, like.dtype, like.device)
@@ -181,6 +185,8 @@ def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
 def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
     """Means of ``grad_out`` over the valid cells of each output patch, and its per-channel
     sum (the exact bias gradient), in one pass."""
+    if _is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
+        return _small_means_and_total(grad_out, grid_h, grid_w)
     if _use_kernels(grad_out):
         return torch.ops.lightning_gf_cpu.patch_pool(
             grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
@@ -198,9 +204,7 @@ def _small_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid)
     scaled by ``1 / cells`` per patch, plus a column of ones for the totals."""
     n, c, h, w = grad_out.shape
     g = grad_out.to(_accumulation_dtype(grad_out.dtype))
-    member = _membership(grid_h, grid_w, False, g)
-    weights = torch.cat([member / member.sum(0).clamp_min(1), member.new_ones(h * w, 1)], 1)
-    out = _membership_product(g.reshape(n * c, h * w), weights)
+    out = _membership_product(g.reshape(n * c, h * w), _membership(grid_h, grid_w, None, g))
     means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
     return means, out[:, -1].reshape(n, c).sum(0)
 

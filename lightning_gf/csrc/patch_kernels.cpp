@@ -332,9 +332,23 @@ at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, dou
     const acc_t* src = values.const_data_ptr<acc_t>();
     const acc_t factor = static_cast<acc_t>(scale);
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k) std::fill_n(dst + k * taps, taps, static_cast<scalar_t>(src[k] * factor));
-    });
+    const auto fill = [&](auto fixed) {  // fixed > 0: the tap count known at compile time
+      constexpr int kTaps = decltype(fixed)::value;
+      const int64_t n_taps = kTaps > 0 ? kTaps : taps;
+      at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
+        for (int64_t k = first; k < last; ++k) {
+          const scalar_t v = static_cast<scalar_t>(src[k] * factor);
+          scalar_t* __restrict__ d = dst + k * n_taps;
+          for (int64_t t = 0; t < n_taps; ++t) d[t] = v;
+        }
+      });
+    };
+    switch (taps) {
+      case 1: fill(std::integral_constant<int, 1>{}); break;
+      case 9: fill(std::integral_constant<int, 9>{}); break;
+      case 25: fill(std::integral_constant<int, 25>{}); break;
+      default: fill(std::integral_constant<int, 0>{}); break;
+    }
   });
   return out;
 }
