@@ -1,11 +1,13 @@
 """Compiled CPU kernels for the filter's memory-bound steps, built once on first use.
 
 Pooling a map over the patch grid and spreading patch values back over a map are one
-pass each in C++ (``csrc/patch_kernels.cpp``) instead of several PyTorch calls. The
-first filtered backward on CPU compiles them with the system's C++ compiler (about
-30 s, once; cached under ``$LIGHTNING_GF_CACHE``, default ``~/.cache/lightning_gf``).
-Without a compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter runs the same
-math in plain PyTorch (slower, same results; the tests check both).
+pass each in C++ (``csrc/patch_kernels.cpp``) instead of several PyTorch calls, and
+so are the two per-kernel steps on weights (summing the taps, broadcasting one value
+over them). The first filtered conv on CPU compiles them with the system's C++
+compiler and ``ninja`` (about 30 s, once; cached under ``$LIGHTNING_GF_CACHE``,
+default ``~/.cache/lightning_gf``, per source, torch, Python and CPU). Without a
+compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter runs the same math in
+plain PyTorch (slower, same results; the tests check both).
 
 Example:
     >>> import lightning_gf.cpu_kernels as cpu_kernels
@@ -69,6 +71,9 @@ def _build_and_load() -> None:
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" (logged on import): these kernels need none
+    path = os.environ.get("PATH", "")
+    # the `ninja` of this environment (a dependency), also when it is not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         from torch.utils import cpp_extension
 
@@ -76,6 +81,7 @@ def _build_and_load() -> None:
                            is_python_module=False, verbose=False)
     finally:
         quiet.setLevel(level)
+        os.environ["PATH"] = path
     done.touch()
 
 

@@ -45,7 +45,7 @@ std::vector<Span> spans(int64_t patches, int64_t k, int64_t before, int64_t size
 void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 4 * kHuge) return;
+  if (bytes < 2 * kHuge) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -169,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
   // stored channel-major, (C, N, ph, pw), returned as an (N, C, ph, pw) view: the two
   // products of the backward then read it as a (C, N*ph*pw) matrix without a copy
   at::Tensor stored = at::empty({c, n, ph, pw}, t.options().dtype(acc_dtype));
+  advise_huge_pages(stored.data_ptr(), stored.nbytes());
   at::Tensor out = stored.permute({1, 0, 2, 3});
   at::Tensor plane_totals = at::empty({channel_totals ? n * c : 0}, t.options().dtype(acc_dtype));
   // where the pooled map of plane (image i, channel k) = i * c + k starts in `stored`
@@ -326,6 +327,7 @@ at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, dou
   TORCH_CHECK(pairs_in.device().is_cpu() && pairs_in.dim() == 2, "lightning_gf: pairs must be a 2-D CPU tensor");
   const int64_t taps = kh * kw, pairs = pairs_in.numel();
   at::Tensor out = at::empty({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_tap_broadcast", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor values = pairs_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
