@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import geomean, median_ms
+from lightning_gf import cpu_kernels
 from lightning_gf.functional import filtered_conv2d
 
 
@@ -130,8 +131,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write rows as JSON here")
+    parser.add_argument("--plain", action="store_true", help="without the compiled CPU kernels (plain PyTorch path)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plain:
+        cpu_kernels.set_enabled(False)
     rows = run(batch=args.batch, device=args.device, quick=args.quick)
     print(json.dumps(summary(rows), indent=1))
     if args.out:

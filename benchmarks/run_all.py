@@ -103,6 +103,12 @@ def _plots(layer_rows: list[dict], model_rows: list[dict], img: Path) -> list[st
     return names
 
 
+def _kernels_line() -> str:
+    from lightning_gf import cpu_kernels
+
+    return "in use in this run" if cpu_kernels.available() else "NOT available in this run: plain PyTorch path"
+
+
 def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> None:
     summary = layers.summary(layer_rows)
     plots = _plots(layer_rows, model_rows, docs / "img")
@@ -122,7 +128,10 @@ speed: [benchmarks-history.md](benchmarks-history.md).
 Backward = `torch.autograd.grad` of the layer's output with respect to input, weight
 and bias (everything the filtered op does is included: pooling, the two small
 products, upsampling, the weight-gradient broadcast). Forward of the filtered op
-includes pooling the input.
+includes pooling the input on every call (the pooled copy the filter caches on an input
+tensor for parallel branches is dropped before each call, as each training step brings
+a new input). Filtered runs use the compiled CPU kernels
+({_kernels_line()}; see [usage.md](usage.md#compiled-cpu-kernels-lightning_gfcpu_kernels)).
 
 {paper}
 
