@@ -39,20 +39,45 @@ std::vector<Span> spans(int64_t patches, int64_t k, int64_t before, int64_t size
   return out;
 }
 
-// Ask for transparent huge pages on a fresh buffer before its first write: a map of tens
-// of MB otherwise costs one page fault per 4 KiB, which is most of the time spent
-// writing it on some machines. A hint only; nothing changes where it is not honoured.
-void advise_huge_pages(void* data, size_t bytes) {
+// Ask for transparent huge pages on the whole 2 MiB pages inside [lo, hi) of a fresh
+// buffer, before its first write: a map of several MB otherwise costs one page fault per
+// 4 KiB, which is most of the time spent writing it on some machines (VMs). A hint only.
+void advise_huge_pages(const void* lo, const void* hi) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(lo) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(hi) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
-  (void)data;
-  (void)bytes;
+  (void)lo;
+  (void)hi;
 #endif
+}
+
+void advise_huge_pages(const at::Tensor& t) {
+  const char* data = static_cast<const char*>(t.data_ptr());
+  advise_huge_pages(data, data + t.nbytes());
+}
+
+// A fresh tensor whose data starts on a 2 MiB boundary, with the huge-page hint: maps
+// from 2 MiB up are then written through a few huge-page faults instead of hundreds of
+// 4 KiB ones. Costs up to 2 MiB of extra (untouched) storage while the tensor lives.
+at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr int64_t kHuge = int64_t(2) << 20;
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t item = static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  if (numel * item < kHuge) return at::empty(sizes, options);
+  const int64_t slack = kHuge / item;
+  at::Tensor storage = at::empty({numel + slack}, options);
+  const uintptr_t start = reinterpret_cast<uintptr_t>(storage.data_ptr());
+  const uintptr_t aligned = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
+  const int64_t offset = static_cast<int64_t>(aligned - start) / item;
+  if ((aligned - start) % item != 0) return at::empty(sizes, options);
+  at::Tensor out = storage.narrow(0, offset, numel).view(sizes);
+  const char* base = static_cast<const char*>(storage.data_ptr());
+  advise_huge_pages(out.data_ptr(), base + storage.nbytes());  // the map's pages, its last one included
+  return out;
 }
 
 void check_map(const at::Tensor& t, const char* name) {
@@ -169,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
   // stored channel-major, (C, N, ph, pw), returned as an (N, C, ph, pw) view: the two
   // products of the backward then read it as a (C, N*ph*pw) matrix without a copy
   at::Tensor stored = at::empty({c, n, ph, pw}, t.options().dtype(acc_dtype));
-  advise_huge_pages(stored.data_ptr(), stored.nbytes());
+  advise_huge_pages(stored);
   at::Tensor out = stored.permute({1, 0, 2, 3});
   at::Tensor plane_totals = at::empty({channel_totals ? n * c : 0}, t.options().dtype(acc_dtype));
   // where the pooled map of plane (image i, channel k) = i * c + k starts in `stored`
@@ -239,8 +264,7 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
                         int64_t before_h, int64_t before_w, double scale, at::ScalarType dtype) {
   check_map(low_in, "low");
   const int64_t n = low_in.size(0), c = low_in.size(1), ph = low_in.size(2), pw = low_in.size(3);
-  at::Tensor out = at::empty({n, c, h, w}, low_in.options().dtype(dtype));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::Tensor out = empty_on_huge_pages({n, c, h, w}, low_in.options().dtype(dtype));
   const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
   const WholeRange whole = whole_patches(pw, kw, before_w, w);
 
@@ -327,7 +351,7 @@ at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, dou
   TORCH_CHECK(pairs_in.device().is_cpu() && pairs_in.dim() == 2, "lightning_gf: pairs must be a 2-D CPU tensor");
   const int64_t taps = kh * kw, pairs = pairs_in.numel();
   at::Tensor out = at::empty({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_tap_broadcast", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor values = pairs_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
