@@ -5,7 +5,8 @@
 //
 // A grid along one axis: patch p covers cells [p*k - before, (p+1)*k - before) of the
 // map, clipped to [0, size); `before` may be negative (the grid is smaller than the map
-// and the cells past it belong to no patch). Maps are NCHW-contiguous.
+// and the cells past it belong to no patch). Full-size maps are NCHW-contiguous; pooled
+// maps are written channel-major, (C, N, ph, pw), and read with any image/channel strides.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -121,9 +122,10 @@ void spread_columns(const acc_t* __restrict__ values, out_t* __restrict__ line, 
   }
 }
 
-// Maps of at most this many cells take the indexed path: per-row work would dominate.
+// Maps of at most this many cells that the grid does not tile exactly are spread by the
+// indexed path (per-row work with clipped patches would dominate there).
 constexpr int64_t kSmallPlane = 1024;
-// How many small maps the indexed path walks side by side (independent sums in flight).
+// How many small maps the indexed path fills side by side.
 constexpr int64_t kPlaneBlock = 16;
 
 // The patch of every cell of an h x w map, row-major; cells outside the grid get the
@@ -139,8 +141,8 @@ std::vector<int64_t> patch_index(const std::vector<Span>& rows, const std::vecto
   return index;
 }
 
-// Planes per task: about 64K cells. These passes are memory-bound, and on small machines
-// waking a second thread costs more (measured: ~0.3 ms) than it saves below that.
+// Planes per task: about 64K cells, so that small maps stay on one thread (these passes
+// are memory-bound; waking another thread costs more than it saves on them).
 int64_t plane_grain(int64_t cells) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(cells, 1)); }
 
 template <typename Fn>
@@ -200,7 +202,6 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
   // where the pooled map of plane (image i, channel k) = i * c + k starts in `stored`
   const auto pooled_at = [n, c, ph, pw](int64_t plane) { return ((plane % c) * n + plane / c) * ph * pw; };
   const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
-  const WholeRange whole = whole_patches(pw, kw, before_w, w);
 
   // the grid tiles the map exactly: pool in place; otherwise copy each map into a
   // zero-padded (or cropped) tile-aligned buffer first
