@@ -33,6 +33,7 @@ def _channel_major(t: Tensor) -> bool:
     """Whether ``t`` (N, C, h, w) is stored as (C, N, h, w): read as a (C, N*h*w) matrix for free."""
     return t.transpose(0, 1).is_contiguous()
 
+
 _NO_DOUBLE_BACKWARD = (
     "lightning_gf: a filtered conv has no double backward (its backward is an approximation, computed once), "
     "so a second-order gradient (create_graph=True, e.g. a gradient penalty or MAML) cannot pass through it. "
