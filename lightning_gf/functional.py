@@ -493,26 +493,10 @@ def _filtered_backward(
     return grad_x, grad_w, grad_b
 
 
-@torch.library.custom_op("lightning_gf::filtered_conv2d_backward", mutates_args=())
-def _filtered_conv2d_backward_op(
-    grad_out: Tensor,
-    pooled: Optional[Tensor],
-    weight: Tensor,
-    x_size: list[int],
-    x_dtype: torch.dtype,
-    channels_last: bool,
-    stride: list[int],
-    dilation: list[int],
-    groups: int,
-    r: int,
-    stride_scale: int,
-    need_x: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward as an opaque op for ``torch.compile`` graphs."""
-    return _filtered_backward(grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r,
-                              stride_scale, need_x, need_w, need_b)
+# The backward as an opaque op for torch.compile graphs (eager mode calls the function).
+_filtered_conv2d_backward_op = torch.library.custom_op(
+    "lightning_gf::filtered_conv2d_backward", _filtered_backward, mutates_args=()
+)
 
 
 @_filtered_conv2d_backward_op.register_fake
@@ -534,17 +518,22 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.conf = (list(stride), list(dilation), groups, r, stride[0] * stride[1] if stride_correction else 1)
 
 
-@once_differentiable(_NO_DOUBLE_BACKWARD)
-def _backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+def _backward_with(backward_fn: Any, ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+    """Unpack what ``_setup_context`` saved, run ``backward_fn`` (the op or the function)."""
     pooled, weight = ctx.saved_tensors
     x_size, x_dtype, channels_last = ctx.x_meta
     stride, dilation, groups, r, stride_scale = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x, grad_w, grad_b = _filtered_conv2d_backward_op(
+    grad_x, grad_w, grad_b = backward_fn(
         grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r, stride_scale,
         need_x, need_w, need_b,
     )
     return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 8
+
+
+@once_differentiable(_NO_DOUBLE_BACKWARD)
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+    return _backward_with(_filtered_conv2d_backward_op, ctx, grad_out)
 
 
 _filtered_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -567,15 +556,7 @@ class _FilteredConv2dFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable(_NO_DOUBLE_BACKWARD)
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        pooled, weight = ctx.saved_tensors
-        x_size, x_dtype, channels_last = ctx.x_meta
-        stride, dilation, groups, r, stride_scale = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w, grad_b = _filtered_backward(
-            grad_out, pooled, weight, x_size, x_dtype, channels_last, stride, dilation, groups, r, stride_scale,
-            need_x, need_w, need_b,
-        )
-        return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 8
+        return _backward_with(_filtered_backward, ctx, grad_out)
 
 
 def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
