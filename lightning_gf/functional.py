@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gf import cpu_kernels
+from lightning_gf import cpu_kernels, small_maps
 from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
 from lightning_gf.stats import FilterStats
@@ -75,53 +75,6 @@ def _use_kernels(t: Tensor) -> bool:
     )
 
 
-# Small maps cut into few patches are pooled and spread by one matrix product with a 0/1
-# cell-to-patch matrix: one call, however irregular the grid (measured faster on CPU than
-# per-map loops for maps up to 32x32 with at most 16 patches). A non-finite value then
-# reaches the other patches of its map as NaN (0 * inf), where it would stay in its own
-# patch otherwise; the gradient is unusable either way.
-_SMALL_MAP = 1024
-_FEW_PATCHES = 16
-
-
-def _is_small(h: int, w: int, grid_h: AxisGrid, grid_w: AxisGrid) -> bool:
-    return h * w <= _SMALL_MAP and grid_h.patches * grid_w.patches <= _FEW_PATCHES
-
-
-@functools.lru_cache(maxsize=256)
-def _membership_cached(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], dtype: torch.dtype,
-                       device: torch.device) -> Tensor:
-    def axis(grid: AxisGrid) -> Tensor:
-        cells = torch.tensor(grid.cell_patches(bool(on_input)))
-        return (cells[:, None] == torch.arange(grid.patches)[None, :]).to(torch.float64)
-
-    member = torch.kron(axis(grid_h), axis(grid_w))  # (H*W, P_h*P_w)
-    if on_input is None:  # output means, then a column of ones for the map's total
-        member = torch.cat([member / member.sum(0).clamp_min(1), member.new_ones(member.shape[0], 1)], 1)
-    return member.to(dtype=dtype, device=device)
-
-
-def _membership_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half).
-
-    With few columns it is computed as ``(b.T @ a.T).T``: MKL's product with 4-8 output
-    columns was 5x slower than the transposed one (measured on CPU)."""
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return _membership_product(a, b)
-    if b.shape[1] < _FEW_PATCHES:
-        return (b.t() @ a.t()).t()
-    return a @ b
-
-
-def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], like: Tensor) -> Tensor:
-    """``(H*W, P)``: 1 where a cell of the map lies in a patch. ``on_input=None``: output
-    patches, each column divided by its cell count, and a last column of ones."""
-    if torch.compiler.is_compiling():
-        return _membership_cached.__wrapped__(grid_h, grid_w, on_input, like.dtype, like.device)
-    return _membership_cached(grid_h, grid_w, on_input, like.dtype, like.device)
-
-
 def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
     """Sum over non-overlapping ``kh x kw`` tiles of a map they tile exactly.
 
@@ -158,11 +111,9 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
-    n, c, h, w = t.shape
-    if _is_small(h, w, grid_h, grid_w) and not t.is_contiguous(memory_format=torch.channels_last):
-        t = t.detach().to(_accumulation_dtype(t.dtype))
-        member = _membership(grid_h, grid_w, on_input, t)
-        return _membership_product(t.reshape(n * c, h * w), member).reshape(n, c, grid_h.patches, grid_w.patches)
+    if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
+            memory_format=torch.channels_last):
+        return small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
     if _use_kernels(t):
         return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
             t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
@@ -191,8 +142,8 @@ def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
 def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
     """Means of ``grad_out`` over the valid cells of each output patch, and its per-channel
     sum (the exact bias gradient), in one pass."""
-    if _is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
-        return _small_means_and_total(grad_out, grid_h, grid_w)
+    if small_maps.is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
+        return small_maps.means_and_total_small(grad_out.to(_accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
     if _use_kernels(grad_out):
         return torch.ops.lightning_gf_cpu.patch_pool(
             grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
@@ -205,27 +156,13 @@ def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid)
     return sums / _patch_counts(grid_h, grid_w, sums), total
 
 
-def _small_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
-    """:func:`_patch_means_and_total` for a small map: one product with the 0/1 membership
-    scaled by ``1 / cells`` per patch, plus a column of ones for the totals."""
-    n, c, h, w = grad_out.shape
-    g = grad_out.to(_accumulation_dtype(grad_out.dtype))
-    out = _membership_product(g.reshape(n * c, h * w), _membership(grid_h, grid_w, None, g))
-    means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
-    return means, out[:, -1].reshape(n, c).sum(0)
-
-
 def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, dtype: torch.dtype,
                      channels_last: bool) -> Tensor:
     """``g_x``: ``scale`` times each patch value, repeated over its input patch, as ``dtype``."""
     height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
     width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
-    if not channels_last and _is_small(height, width, grid_h, grid_w):
-        n, c = low.shape[:2]
-        member = _membership(grid_h, grid_w, True, low)
-        if scale != 1:
-            member = member * scale
-        return _membership_product(low.reshape(n * c, -1), member.t()).reshape(n, c, height, width).to(dtype)
+    if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
+        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype)
     if not channels_last and _use_kernels(low):
         return torch.ops.lightning_gf_cpu.patch_spread(
             low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype

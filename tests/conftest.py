@@ -29,17 +29,17 @@ CPU_PATHS = {
 @contextlib.contextmanager
 def cpu_path_forced(name):
     """Force one of ``CPU_PATHS`` for the duration of the block."""
-    from lightning_gf import functional
+    from lightning_gf import small_maps
 
     path = CPU_PATHS[name]
-    saved = (functional._SMALL_MAP, functional._FEW_PATCHES)
+    saved = (small_maps.SMALL_MAP, small_maps.FEW_PATCHES)
     previous = cpu_kernels.set_enabled(path["kernels"])
-    functional._SMALL_MAP, functional._FEW_PATCHES = path["small_map"], path["few_patches"]
+    small_maps.SMALL_MAP, small_maps.FEW_PATCHES = path["small_map"], path["few_patches"]
     try:
         yield
     finally:
         cpu_kernels.set_enabled(previous)
-        functional._SMALL_MAP, functional._FEW_PATCHES = saved
+        small_maps.SMALL_MAP, small_maps.FEW_PATCHES = saved
 
 
 @pytest.fixture(params=list(CPU_PATHS))
