@@ -1,8 +1,8 @@
 """Accuracy benchmark: plain backprop vs gradient filtering (paper's convention and with
-the stride correction) in the paper's protocol, on the embedded data or CIFAR.
+the stride correction) in the paper's protocol, on generated textured objects (or shapes) or CIFAR.
 
     make bench-accuracy                                  # = the next line
-    .venv/bin/python -m benchmarks.accuracy --docs docs  # generated textured objects, ~25 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.accuracy --docs docs  # generated textured objects, ~20 min on 2 CPU cores
     .venv/bin/python -m benchmarks.accuracy --data cifar10 --data-root data/cifar10 --out outputs/accuracy_cifar10
 
 For every model: pretrain the whole (randomly initialised) network on the ``pretrain``
