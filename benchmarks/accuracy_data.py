@@ -1,6 +1,7 @@
-"""Data of the accuracy benchmark, as in-memory tensors: the embedded shapes or CIFAR.
+"""Data of the accuracy benchmark, as in-memory tensors: the generated textured objects
+(``benchmarks.textured_objects``, the default), the embedded shapes, or CIFAR.
 
-Both sources follow the paper's protocol: a ``pretrain`` partition to pretrain the
+All sources follow the paper's protocol: a ``pretrain`` partition to pretrain the
 whole network, and a different ``finetune`` partition (shifted) to fine-tune its last
 layers and to score it. Images come normalised (ImageNet mean and std), labels int64.
 """
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from benchmarks.textured_objects import NUM_CLASSES as NUM_OBJECT_CLASSES
+from benchmarks.textured_objects import generate_textured_objects
 from lightning_gf.data.base import normalize
 from lightning_gf.data.shapes import NUM_SHAPES
 from lightning_gf.data.shapes_module import ShapesDataset
 
-SOURCES = ("shapes", "cifar10", "cifar100")
+SOURCES = ("objects", "shapes", "cifar10", "cifar100")
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,12 @@ class DataSource:
     """Where the benchmark's images come from.
 
     Example:
-        >>> src = DataSource("shapes", image_size=32)
+        >>> src = DataSource("objects", image_size=32)
         >>> src.num_classes, len(src.finetune_set("train", 4, seed=0))
-        (8, 4)
+        (16, 4)
     """
 
-    name: str = "shapes"
+    name: str = "objects"
     image_size: int = 112
     root: str = "data/cifar"
 
@@ -51,12 +54,18 @@ class DataSource:
 
     @property
     def num_classes(self) -> int:
-        return {"shapes": NUM_SHAPES, "cifar10": 10, "cifar100": 100}[self.name]
+        return {"objects": NUM_OBJECT_CLASSES, "shapes": NUM_SHAPES, "cifar10": 10, "cifar100": 100}[self.name]
 
     def pretrain_batches(self, steps: int, batch_size: int, seed: int, image_size: int = 0) -> Iterator[Tensors]:
-        """``steps`` training batches of the pretraining partition (shapes: all distinct images),
-        ``image_size`` px (default: the source's)."""
+        """``steps`` training batches of the pretraining partition (objects, shapes: all distinct
+        images), ``image_size`` px (default: the source's)."""
         size = image_size or self.image_size
+        if self.name == "objects":
+            for step in range(steps):
+                drawn = generate_textured_objects(batch_size, split="pretrain", subset="train", image_size=size,
+                                                  seed=seed, start=step * batch_size)
+                yield Tensors(normalize(drawn.images), drawn.labels)
+            return
         if self.name == "shapes":
             ds = ShapesDataset("classification", "pretrain", "train", steps * batch_size, size, seed=seed)
             for step in range(steps):
@@ -78,7 +87,9 @@ class DataSource:
                     return
 
     def pretrain_val(self, size: int) -> Tensors:
-        """Held-out images of the pretraining partition (shapes) or the test set (CIFAR)."""
+        """Held-out images of the pretraining partition (objects, shapes) or the test set (CIFAR)."""
+        if self.name == "objects":
+            return self._objects("pretrain", "val", size, seed=0)
         if self.name == "shapes":
             return self._shapes("pretrain", "val", size, seed=0)
         return self._materialise(self._cifar("finetune", 0).val_set, size, seed=0)
@@ -86,11 +97,17 @@ class DataSource:
     def finetune_set(self, subset: str, size: int, seed: int) -> Tensors:
         """``size`` images of the fine-tuning partition: ``subset`` ``'train'`` or ``'val'``
         (CIFAR: the test set). ``size <= 0`` takes all (CIFAR)."""
+        if self.name == "objects":
+            return self._objects("finetune", subset, size, seed)
         if self.name == "shapes":
             return self._shapes("finetune", subset, size, seed)
         dm = self._cifar("finetune", 0)
         dataset = dm.train_set if subset == "train" else dm.val_set
         return self._materialise(dataset, size, seed)
+
+    def _objects(self, split: str, subset: str, size: int, seed: int) -> Tensors:
+        drawn = generate_textured_objects(size, split=split, subset=subset, image_size=self.image_size, seed=seed)
+        return Tensors(normalize(drawn.images), drawn.labels)
 
     def _shapes(self, split: str, subset: str, size: int, seed: int) -> Tensors:
         ds = ShapesDataset("classification", split, subset, size, self.image_size, seed=seed)

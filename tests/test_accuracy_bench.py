@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.accuracy import (
-    END, PLAIN, START, BenchConfig, Cell, expected_outcome, main, methods, run_key, summarise,
+    END, PLAIN, START, BenchConfig, Cell, _model_ints, expected_outcome, main, methods, run_key, summarise,
 )
 from benchmarks.accuracy_data import DataSource
 from benchmarks.accuracy_train import build_model, split_at
@@ -88,7 +88,7 @@ def test_bench_runs_caches_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     first = capsys.readouterr().out
     assert "pretraining on the 'pretrain' partition" in first and "run 12/12" in first
 
-    results = json.loads((out / "results_shapes_resnet18.json").read_text())
+    results = json.loads((out / "results_objects_resnet18.json").read_text())
     runs = results["runs"]
     assert len(runs) == 2 * 2 * 3
     # depth 2 of resnet18 trains no strided conv: the paper's convention is the corrected run
@@ -106,19 +106,43 @@ def test_bench_runs_caches_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     text = (docs / "accuracy.md").read_text()
     assert text.startswith("# Accuracy\n\nintro\n") and text.endswith("after\n") and "old" not in text
     assert f"| resnet18 | last 4 | {results['before_finetune_acc']:.1f} | {table['resnet18'][4][PLAIN]}" in text
-    assert (docs / "img" / "accuracy_shapes.png").read_bytes()[:4] == b"\x89PNG"
+    assert (docs / "img" / "accuracy_objects.png").read_bytes()[:4] == b"\x89PNG"
 
     # a second invocation reuses the checkpoint and every run
     main(args)
     second = capsys.readouterr().out
     assert "reusing the pretrained checkpoint" in second and "run 1/" not in second
-    assert json.loads((out / "results_shapes_resnet18.json").read_text())["runs"] == runs
+    assert json.loads((out / "results_objects_resnet18.json").read_text())["runs"] == runs
 
 
 def test_data_source_checks_its_name() -> None:
     with pytest.raises(ValueError, match="data source must be one of"):
         DataSource("imagenet")
-    src = DataSource("shapes", image_size=32)
-    first, again = src.finetune_set("train", 4, seed=1), src.finetune_set("train", 4, seed=1)
-    assert torch.equal(first.images, again.images) and first.images.dtype == torch.float32
-    assert not torch.equal(first.images, src.finetune_set("train", 4, seed=2).images)
+    for name, classes in (("objects", 16), ("shapes", 8)):
+        src = DataSource(name, image_size=32)
+        assert src.num_classes == classes
+        first, again = src.finetune_set("train", 4, seed=1), src.finetune_set("train", 4, seed=1)
+        assert torch.equal(first.images, again.images) and first.images.dtype == torch.float32
+        assert first.images.shape == (4, 3, 32, 32) and int(first.labels.max()) < classes
+        assert not torch.equal(first.images, src.finetune_set("train", 4, seed=2).images)
+
+
+def test_objects_pretraining_batches_are_all_distinct_and_sized_per_phase() -> None:
+    src = DataSource("objects", image_size=32)
+    batches = list(src.pretrain_batches(3, 4, seed=0, image_size=24))
+    assert len(batches) == 3 and all(b.images.shape == (4, 3, 24, 24) for b in batches)
+    flat = torch.cat([b.images for b in batches]).flatten(1)
+    assert len({tuple(row[:16].tolist()) for row in flat}) == 12  # every image drawn afresh
+    again = list(src.pretrain_batches(3, 4, seed=0, image_size=24))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(batches, again))
+    held_out = src.pretrain_val(4)
+    assert held_out.images.shape == (4, 3, 32, 32)
+
+
+def test_pretraining_steps_per_model() -> None:
+    cfg = BenchConfig(pretrain_low_res_steps=450, pretrain_low_res_steps_for=_model_ints("mobilenetv2_100=1200"))
+    assert cfg.low_res_steps("resnet18") == 450 and cfg.low_res_steps("mobilenetv2_100") == 1200
+    assert "64px1200_" in cfg.checkpoint("mobilenetv2_100") and "64px450_" in cfg.checkpoint("resnet18")
+    assert _model_ints("") == {}
+    with pytest.raises(Exception, match="expected MODEL=STEPS"):
+        _model_ints("mobilenetv2_100:1200")
