@@ -162,7 +162,7 @@ def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: flo
     height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
     width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
     if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
-        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype)
+        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()
     if not channels_last and _use_kernels(low):
         return torch.ops.lightning_gf_cpu.patch_spread(
             low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype

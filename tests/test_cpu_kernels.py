@@ -103,6 +103,7 @@ def test_small_map_products_match_plain_path(n, c, h, w, r, stride):
             _plain(_spread_to_input, low, grid_h, grid_w, 0.25, torch.float32, False))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[-1].is_contiguous()  # g_x comes back in the layout autograd and torch.compile expect
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 1, 3, 3), (2, 6, 1, 1), (3, 2, 5, 3)])
