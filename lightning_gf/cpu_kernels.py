@@ -54,7 +54,12 @@ def _machine_key() -> str:
 
 
 def build_directory() -> Path:
-    """Where the kernels for this source, torch, Python and CPU are built and cached."""
+    """Where the kernels for this source, torch, Python and CPU are built and cached.
+
+    Example:
+        >>> build_directory().name.startswith("cpu_kernels_")
+        True
+    """
     base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lightning_gf")
     return base / f"cpu_kernels_{_machine_key()}"
 
