@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gf.data.shapes import check_split
+
 PATTERNS = ("stripes", "waves", "checks", "dots")
 NUM_CLASSES = 4 * len(PATTERNS)
 CLASS_NAMES = tuple(
@@ -34,8 +36,6 @@ CLASS_NAMES = tuple(
     + [f"checks {a}deg {s}" for s in ("fine", "coarse") for a in (0, 45)]
     + [f"dots {a}deg {s}" for s in ("fine", "coarse") for a in (0, 45)]
 )
-SPLITS = ("pretrain", "finetune")
-SUBSETS = ("train", "val", "test")
 _FINE, _MID, _COARSE = 5.0, 7.0, 10.0  # pattern periods in pixels, whatever the image size
 
 
@@ -160,10 +160,7 @@ def generate_textured_objects(
         >>> bool((generate_textured_objects(4, image_size=32).images == s.images).all())  # deterministic
         True
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    check_split(split, subset)
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels (the patterns need them), got {image_size}")
     if n < 1:

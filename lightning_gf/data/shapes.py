@@ -33,6 +33,18 @@ class ShapeSamples:
     labels: Tensor
 
 
+def check_split(split: str, subset: str) -> None:
+    """Raise ``ValueError`` unless ``split`` is one of ``SPLITS`` and ``subset`` one of ``SUBSETS``.
+
+    Example:
+        >>> check_split("finetune", "val")
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+
+
 def _seed(seed: int, split: str, subset: str, start: int) -> int:
     return zlib.crc32(f"{seed}/{split}/{subset}/{start}".encode())
 
@@ -84,10 +96,7 @@ def generate_shapes(
         >>> bool((generate_shapes(4, image_size=32).images == s.images).all())  # deterministic
         True
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    check_split(split, subset)
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     if max_shapes < 1:
