@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gf import cpu_kernels, small_maps
+from lightning_gf import cpu_kernels, small_maps, triton_kernels
 from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
 from lightning_gf.stats import FilterStats
@@ -75,6 +75,30 @@ def _use_kernels(t: Tensor) -> bool:
     )
 
 
+def _use_triton(t: Tensor) -> bool:
+    """Whether the Triton kernels take ``t``: a plain tensor on an enabled device (CUDA), outside tracing."""
+    return (
+        t.dtype in _KERNEL_DTYPES
+        and type(t) is Tensor
+        and not torch.compiler.is_compiling()
+        and triton_kernels.takes(t)
+    )
+
+
+def pooled_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the patch sums of ``t``: float32 for half types on CPU (the products run
+    in float32 there), the half type itself on GPUs (summed in float32, then rounded, so
+    the products run on tensor cores, as a half-precision conv's own backward does).
+
+    Example:
+        >>> pooled_dtype(torch.ones(1, dtype=torch.bfloat16))
+        torch.float32
+    """
+    if t.dtype in _LOW_PRECISION and t.device.type != "cpu":
+        return t.dtype
+    return _accumulation_dtype(t.dtype)
+
+
 def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
     """Sum over non-overlapping ``kh x kw`` tiles of a map they tile exactly.
 
@@ -98,7 +122,8 @@ def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
 def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
     """Sum ``t`` over the patches of the grid (input patches, or output patches).
 
-    Cells outside ``t`` count zero. Sums are taken in float32 for half types.
+    Cells outside ``t`` count zero. Sums are taken in float32 for half types and kept as
+    :func:`pooled_dtype`.
 
     Example:
         >>> g = AxisGrid.build(in_size=4, out_size=4, r=2, stride=1)
@@ -111,9 +136,14 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
+    target = pooled_dtype(t)
+    if _use_triton(t):  # no gradient flows through patch sums
+        return triton_kernels.patch_pool(t.detach(), size_h, size_w, before_h, before_w, grid_h.patches,
+                                         grid_w.patches, mean=False, total=False, out_dtype=target)[0]
     if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
             memory_format=torch.channels_last):
-        return small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
+        sums = small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
+        return sums.to(target)
     if _use_kernels(t):
         return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
             t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
@@ -122,7 +152,7 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     pads = (before_w, after_w, before_h, after_h)
     if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)
         t = F.pad(t, pads)
-    return _sum_tiles(t, size_h, size_w)
+    return _sum_tiles(t, size_h, size_w).to(target)
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,6 +172,10 @@ def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
 def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
     """Means of ``grad_out`` over the valid cells of each output patch, and its per-channel
     sum (the exact bias gradient), in one pass."""
+    if _use_triton(grad_out):
+        return triton_kernels.patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
+                                         grid_h.patches, grid_w.patches, mean=True, total=True,
+                                         out_dtype=pooled_dtype(grad_out))
     if small_maps.is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
         return small_maps.means_and_total_small(grad_out.to(_accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
     if _use_kernels(grad_out):
@@ -161,6 +195,9 @@ def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: flo
     """``g_x``: ``scale`` times each patch value, repeated over its input patch, as ``dtype``."""
     height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
     width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
+    if _use_triton(low):
+        return triton_kernels.patch_spread(low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before,
+                                           grid_w.in_before, scale, dtype, channels_last)
     if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
         return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()
     if not channels_last and _use_kernels(low):
@@ -196,6 +233,8 @@ def _tap_sums(w: Tensor) -> Tensor:
     c_out, c_in_group, kh, kw = w.shape
     if kh * kw == 1:
         return w.reshape(c_out, c_in_group)
+    if w.device.type != "cpu":  # one reduction kernel
+        return w.sum((2, 3))
     if _use_kernels(w):
         return torch.ops.lightning_gf_cpu.tap_sums(w)
     return torch.mv(w.reshape(c_out * c_in_group, kh * kw), w.new_ones(kh * kw)).reshape(c_out, c_in_group)
@@ -261,6 +300,10 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
                  dtype: torch.dtype) -> Tensor:
     """``g_w``: ``scale`` times one value per (out, in) channel pair, shared by every kernel tap."""
     per_pair = _weight_grad_per_pair(gbar, xs, groups)
+    if _use_triton(per_pair):  # one broadcasting copy (and an in-place scale for strided convs)
+        grad_w = torch.empty(weight_shape, dtype=dtype, device=per_pair.device)
+        grad_w.copy_(per_pair[:, :, None, None].expand(weight_shape))
+        return grad_w.mul_(scale) if scale != 1 else grad_w
     if _use_kernels(per_pair):
         return torch.ops.lightning_gf_cpu.tap_broadcast(per_pair, weight_shape[2], weight_shape[3], scale, dtype)
     if scale != 1:
@@ -272,6 +315,9 @@ def _weight_grad_per_pair(gbar: Tensor, xs: Tensor, groups: int) -> Tensor:
     """``(C_out, C_in/groups)``: the product of the patch means of ``g_y`` and the patch sums of ``x``."""
     n, c_out = gbar.shape[:2]
     c_in = xs.shape[1]
+    if gbar.dtype != xs.dtype:  # e.g. autocast: half g_y, float32 input sums
+        common = torch.promote_types(gbar.dtype, xs.dtype)
+        gbar, xs = gbar.to(common), xs.to(common)
     c_in_group, c_out_group = c_in // groups, c_out // groups
     if groups == 1:
         if _channel_major(gbar) and _channel_major(xs):  # one product over all samples and patches, no copies

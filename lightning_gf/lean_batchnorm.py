@@ -20,10 +20,10 @@ from lightning_gf.class_swap import Swappable
 from lightning_gf.frozen_batchnorm import EvalModeMixin
 from lightning_gf.functional import (
     _NO_DOUBLE_BACKWARD,
-    _accumulation_dtype,
     _patch_counts,
     _patch_means_and_total,
     pool_patches,
+    pooled_dtype,
 )
 from lightning_gf.once_differentiable import once_differentiable
 from lightning_gf.patch_grid import AxisGrid
@@ -48,7 +48,7 @@ def _lean_batch_norm_op(
 def _(x, mean, var, weight, bias, eps, r, pool):  # type: ignore[no-untyped-def]
     grid_h, grid_w = _grids(x.shape, r)
     shape = (x.shape[0], x.shape[1], grid_h.patches, grid_w.patches) if pool else (0,)
-    return torch.empty_like(x), x.new_empty(shape, dtype=_accumulation_dtype(x.dtype) if pool else x.dtype)
+    return torch.empty_like(x), x.new_empty(shape, dtype=pooled_dtype(x) if pool else x.dtype)
 
 
 @torch.library.custom_op("lightning_gf::lean_batch_norm_backward", mutates_args=())
