@@ -61,5 +61,7 @@ def cpu_path(request):
         pytest.skip("compiled CPU kernels unavailable (tests/test_cpu_kernels.py says why)")
     if request.param == "triton" and not triton_kernels.available():
         pytest.skip("Triton is not installed")
+    if request.param == "triton" and torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton kernels are tested on it (tests/test_triton_kernels.py)")
     with cpu_path_forced(request.param):
         yield request.param
