@@ -60,11 +60,18 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def _cudnn_version() -> int | None:
+    try:
+        return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:  # no usable cuDNN: recorded as None
+        return None
+
+
 def environment(device: str) -> dict[str, Any]:
     """Versions and the device, as recorded in the results."""
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda": torch.version.cuda, "cudnn": _cudnn_version(),
         "device": device,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -144,7 +144,7 @@ def test_command_line_checks():
 
 
 def test_smoke_run_on_cpu(tmp_path):
-    """The whole script at tiny sizes (about 25 s on one core): what the device run does, minus CUDA."""
+    """The whole script at tiny sizes (15-25 s on one core): what the device run does, minus CUDA."""
     assert gpu.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu-results.json").read_text())
     assert data["sections_done"] == list(gpu.SECTIONS) and not data["errors"]
@@ -155,3 +155,83 @@ def test_smoke_run_on_cpu(tmp_path):
     assert len(data["budget"]) == 2 and all(row["batch_lean"] == 2 for row in data["budget"])
     page = gpu_docs.render(data)
     assert "Smoke run" in page and "| timm resnet18 |" in page
+
+
+class _CudaName(str):
+    """A device name the benchmark's CUDA branches take, while tensors stay on the CPU."""
+
+    def startswith(self, prefix, *args):
+        return prefix == "cuda" or str.startswith(self, prefix, *args)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's memory, event and graph functions faked; returns what they recorded."""
+    import contextlib
+    import time
+    import types
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    state = {"allocated": iter([100 * 2**20, 130 * 2**20]), "fractions": [], "replays": 0}
+
+    def replay():
+        state["replays"] += 1
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    fakes = dict(
+        Event=Event, synchronize=lambda *a: None, empty_cache=lambda: None, reset_peak_memory_stats=lambda *a: None,
+        memory_allocated=lambda *a: next(state["allocated"]), max_memory_allocated=lambda *a: 180 * 2**20,
+        get_device_properties=lambda d: types.SimpleNamespace(total_memory=80 * 2**30),
+        set_per_process_memory_fraction=lambda f, d=None: state["fractions"].append(f),
+        Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
+        graph=lambda g: contextlib.nullcontext(), CUDAGraph=lambda: types.SimpleNamespace(replay=replay),
+    )
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    return state
+
+
+def _tiny_spec():
+    from benchmarks.models import ModelSpec
+    from tests.models import TinyCNN
+
+    return ModelSpec("tiny", TinyCNN, depth=2, size=16, batch=2)
+
+
+def test_cuda_branches_with_torch_cuda_faked(fake_cuda, monkeypatch):
+    device = _CudaName("cpu")
+    trainee = gpu_models.build(_tiny_spec(), 2, 16, variants=("lean",))["lean"].to(device)
+    memory = gpu_models.measure_memory(trainee, torch.randn(2, 3, 16, 16), device)
+    assert (memory["base_mib"], memory["kept_mib"], memory["peak_mib"]) == (100, 30, 180)
+
+    real_step = gpu_models.Trainee.step
+
+    def step_out_of_memory_above_5(self, x):
+        real_step(self, x)
+        if x.shape[0] > 5:
+            raise torch.cuda.OutOfMemoryError("fake")
+
+    monkeypatch.setattr(gpu_models.Trainee, "step", step_out_of_memory_above_5)
+    row = gpu_models.batch_in_budget(_tiny_spec(), 2, 16, device, 8192, start=1, cap=64, seconds=60,
+                                     report=lambda line: None)
+    assert (row["batch_vanilla"], row["batch_lean"]) == (5, 5)
+    assert fake_cuda["fractions"] == [0.1, 1.0, 0.1, 1.0]  # 8 GiB of 80, then the whole device again
+    monkeypatch.setattr(gpu_models.Trainee, "step", real_step)
+
+    row = gpu_models.bench_graphed(_tiny_spec(), 2, 2, 16, device, repeats=2, report=lambda line: None)
+    assert fake_cuda["replays"] > 0 and row["step_ms_graph_lean"] is not None and row["step_ms_eager_vanilla"] > 0
