@@ -21,8 +21,11 @@ Sections, cheapest and most important first (``--sections`` picks some):
    capture may leave the device unusable).
 
 ``DIR/gpu-results.json`` is rewritten after every section (a run cut short keeps what it
-did). The exit status is 1 if any correctness check failed or any section crashed; every
-section still runs. ``--docs-only`` writes ``docs/benchmarks-gpu.md`` from a results file
+did). No new measurement starts after ``--deadline-s`` (260 s; the per-layer section has
+its own ``--layers-budget-s``): what is left is listed as skipped. A device left unusable
+by a kernel fault (a sticky CUDA error) stops the run after the section, saying so. The
+exit status is 1 if any correctness check failed or anything crashed; a failed check does
+not stop the timings. ``--docs-only`` writes ``docs/benchmarks-gpu.md`` from a results file
 (``benchmarks/gpu_docs.py``) and runs nothing else.
 """
 
@@ -290,9 +293,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script itself, on any device")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (median)")
-    parser.add_argument("--deadline-s", type=float, default=270.0, help="start no new measurement after this")
+    parser.add_argument("--deadline-s", type=float, default=260.0, help="start no new measurement after this (s)")
     parser.add_argument("--layers-budget-s", type=float, default=90.0, help="time for the per-layer section")
-    parser.add_argument("--budget-search-s", type=float, default=12.0, help="time per largest-batch search")
+    parser.add_argument("--budget-search-s", type=float, default=10.0, help="time per largest-batch search (s)")
     parser.add_argument("--docs-only", action="store_true", help="write docs/benchmarks-gpu.md from --json; run nothing")
     parser.add_argument("--json", default=str(gpu_docs.DOCS / "gpu-results.json"), help="results read by --docs-only")
     parser.add_argument("--docs", default=str(gpu_docs.DOCS), help="folder --docs-only writes benchmarks-gpu.md into")
