@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import geomean, median_ms
+from benchmarks.timing import cuda_median_ms, geomean, median_ms
 from lightning_gf import cpu_kernels
 from lightning_gf.functional import filtered_conv2d
 
@@ -47,20 +47,19 @@ OTHER = [
 
 
 def bench_layer(spec: LayerSpec, r: int, batch: int, repeats: int, device: str, dtype: torch.dtype) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, spec.c_in, *spec.size, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(spec.c_out, spec.c_in // spec.groups, spec.k, spec.k, generator=g) * 0.05).to(device, dtype)
+    """Forward and backward times (ms) of one layer, vanilla and filtered in turn.
+
+    On CUDA the times come from CUDA events (:func:`benchmarks.timing.cuda_median_ms`),
+    elsewhere from the wall clock around each call.
+    """
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they are used: large maps are slow on a CPU
+    x = torch.randn(batch, spec.c_in, *spec.size, generator=g, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(spec.c_out, spec.c_in // spec.groups, spec.k, spec.k, generator=g, device=device) * 0.05).to(dtype)
     w.requires_grad_()
     b = torch.zeros(spec.c_out, device=device, dtype=dtype, requires_grad=True)
     conv = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed(fn):
-        def run():
-            out = fn()
-            sync()
-            return out
-        return run
+    on_cuda = torch.device(device).type == "cuda"
+    timer = cuda_median_ms if on_cuda else median_ms
 
     def filtered_forward():
         # every training step brings a new input, so pool it every time: drop the pooled
@@ -68,20 +67,20 @@ def bench_layer(spec: LayerSpec, r: int, batch: int, repeats: int, device: str, 
         x._gf_pooled = None
         return filtered_conv2d(x, w, b, **conv, r=r)
 
-    forward = median_ms(
+    forward = timer(
         {
-            "vanilla": timed(lambda: F.conv2d(x, w, b, **conv)),
-            "filtered": timed(filtered_forward),
+            "vanilla": lambda: F.conv2d(x, w, b, **conv),
+            "filtered": filtered_forward,
         },
         repeats,
     )
     y_v = F.conv2d(x, w, b, **conv)
     y_f = filtered_conv2d(x, w, b, **conv, r=r)
-    gy = torch.randn(y_v.shape, generator=g).to(device, dtype)
-    backward = median_ms(
+    gy = torch.randn(y_v.shape, generator=g, device=device).to(dtype)
+    backward = timer(
         {
-            "vanilla": timed(lambda: torch.autograd.grad(y_v, (x, w, b), gy, retain_graph=True)),
-            "filtered": timed(lambda: torch.autograd.grad(y_f, (x, w, b), gy, retain_graph=True)),
+            "vanilla": lambda: torch.autograd.grad(y_v, (x, w, b), gy, retain_graph=True),
+            "filtered": lambda: torch.autograd.grad(y_f, (x, w, b), gy, retain_graph=True),
         },
         repeats,
     )

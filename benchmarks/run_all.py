@@ -2,6 +2,10 @@
 
 Run: ``.venv/bin/python -m benchmarks.run_all [--quick]`` (about 15 minutes on 2 cores;
 ``--quick`` is a smoke run of a few seconds that writes nothing under docs/).
+
+The GPU measurements come from ``benchmarks/gpu.py`` (run on the device); when
+``docs/gpu-results.json`` is present this also rewrites ``docs/benchmarks-gpu.md`` from it
+and links it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import layers, models
+from benchmarks import gpu_docs, layers, models
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BUDGET_MIB = 1024
@@ -109,6 +113,10 @@ def _kernels_line() -> str:
     return "in use in this run" if cpu_kernels.available() else "NOT available in this run: plain PyTorch path"
 
 
+def _gpu_line(docs: Path) -> str:
+    return gpu_docs.LINK_LINE if (docs / "gpu-results.json").exists() else gpu_docs.NO_RESULTS_LINE
+
+
 def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> None:
     summary = layers.summary(layer_rows)
     plots = _plots(layer_rows, model_rows, docs / "img")
@@ -122,6 +130,8 @@ Measured by `make bench` (`.venv/bin/python -m benchmarks.run_all`) on {_env()}.
 Every ratio compares two contenders timed in turn in the same run (median of repeats).
 Raw rows: [bench-results.json](bench-results.json). Earlier attempts and what limits the
 speed: [benchmarks-history.md](benchmarks-history.md).
+
+{_gpu_line(docs)}
 
 ## Per layer: filtered_conv2d vs PyTorch's conv (CPU, float32, batch 8)
 
@@ -175,8 +185,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print("per-layer benchmark", flush=True)
     layer_rows = layers.run(quick=args.quick)
-    if torch.cuda.is_available():
-        layer_rows += layers.run(device="cuda", batch=32, quick=args.quick)
     print("model benchmark", flush=True)
     model_rows = models.run(quick=args.quick)
     if args.quick:
@@ -184,6 +192,9 @@ def main() -> None:
         return
     write_docs(layer_rows, model_rows, Path(args.docs))
     print(f"wrote {args.docs}/benchmarks.md")
+    gpu_results = Path(args.docs) / "gpu-results.json"
+    if gpu_results.exists():
+        print(f"wrote {gpu_docs.write_from_json(gpu_results, Path(args.docs))}")
 
 
 if __name__ == "__main__":

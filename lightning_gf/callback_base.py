@@ -15,6 +15,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_gf import peak_memory
 from lightning_gf.class_swap import is_swapped
 from lightning_gf.frozen_batchnorm import EvalModeMixin
 from lightning_gf.frozen_bn_stats import FrozenBatchNormStats
@@ -118,7 +119,8 @@ class GradientFilterCallbackBase:
     hook called first (Lightning requires it to be idempotent). FSDP, DeepSpeed and
     ``ModelParallelStrategy`` are refused with a clear error. Every training step logs ``gf/activation_mb``,
     ``gf/activation_mb_vanilla``, ``gf/memory_saved_mb`` (MiB, read off the tensors
-    kept for backward) and ``gf/backward_gflops_saved`` (analytic).
+    kept for backward), ``gf/backward_gflops_saved`` (analytic) and, on CUDA,
+    ``gf/peak_mb`` (the step's ``torch.cuda.max_memory_allocated``, MiB).
 
     Args are those of :func:`lightning_gf.apply_gradient_filter`, plus
     ``log_memory`` (turn the per-step metrics off) and ``fidelity_every_n_steps``
@@ -247,18 +249,24 @@ class GradientFilterCallbackBase:
             result = fidelity_with_handle(pl_module, batch, training_step_loss(batch_idx), self.handle)
             pl_module.log_dict(result.metrics(), on_step=True, on_epoch=False, batch_size=1)
         self.handle.reset_stats()
+        if self.log_memory:
+            peak_memory.reset_step_peak(pl_module.device)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.handle is None or not self.log_memory:
             return
         stats = self.handle.stats
+        metrics = {
+            "gf/activation_mb": stats.kept_bytes / _MIB,
+            "gf/activation_mb_vanilla": stats.vanilla_bytes / _MIB,
+            "gf/memory_saved_mb": stats.saved_bytes / _MIB,
+            "gf/backward_gflops_saved": 2 * (stats.backward_macs_vanilla - stats.backward_macs_filtered) / 1e9,
+        }
+        peak = peak_memory.step_peak_mib(pl_module.device)
+        if peak is not None:
+            metrics["gf/peak_mb"] = peak
         pl_module.log_dict(
-            {
-                "gf/activation_mb": stats.kept_bytes / _MIB,
-                "gf/activation_mb_vanilla": stats.vanilla_bytes / _MIB,
-                "gf/memory_saved_mb": stats.saved_bytes / _MIB,
-                "gf/backward_gflops_saved": 2 * (stats.backward_macs_vanilla - stats.backward_macs_filtered) / 1e9,
-            },
+            metrics,
             on_step=True,
             on_epoch=False,
             batch_size=1,
