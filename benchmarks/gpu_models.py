@@ -259,6 +259,12 @@ def _two_steps_fit(trainee: Trainee, batch: int, size: int, device: str) -> bool
         raise
 
 
+def _device_index(device: str) -> int:
+    """The CUDA device index of ``device`` (``"cuda"`` means the current one)."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def batch_in_budget(spec: ModelSpec, r: int, size: int, device: str, budget_mib: float, start: int, cap: int,
                     seconds: float, report: Callable[[str], None] = print) -> dict:
     """Largest batch whose training step fits ``budget_mib`` of device memory, vanilla and lean.
@@ -284,12 +290,12 @@ def batch_in_budget(spec: ModelSpec, r: int, size: int, device: str, budget_mib:
 
         if on_cuda:
             _free(device)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mib * MIB / total), torch.device(device))
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mib * MIB / total), _device_index(device))
         try:
             found = largest_batch(fits, start, cap, seconds)
         finally:
             if on_cuda:
-                torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
+                torch.cuda.set_per_process_memory_fraction(1.0, _device_index(device))
         row[f"batch_{v}"] = found["batch"]
         row[f"tries_{v}"] = found["tries"]
         row[f"capped_{v}"] = found["capped"]

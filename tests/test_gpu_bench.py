@@ -193,11 +193,16 @@ def fake_cuda(monkeypatch):
         def wait_stream(self, other):
             pass
 
+    def set_fraction(fraction, device=None):
+        if not isinstance(device, int):  # as torch does for torch.device("cuda"), which has no index
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        state["fractions"].append(fraction)
+
     fakes = dict(
         Event=Event, synchronize=lambda *a: None, empty_cache=lambda: None, reset_peak_memory_stats=lambda *a: None,
         memory_allocated=lambda *a: next(state["allocated"]), max_memory_allocated=lambda *a: 180 * 2**20,
         get_device_properties=lambda d: types.SimpleNamespace(total_memory=80 * 2**30),
-        set_per_process_memory_fraction=lambda f, d=None: state["fractions"].append(f),
+        set_per_process_memory_fraction=set_fraction, current_device=lambda: 0,
         Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
         graph=lambda g: contextlib.nullcontext(), CUDAGraph=lambda: types.SimpleNamespace(replay=replay),
     )
