@@ -47,7 +47,7 @@ import torch
 from benchmarks import gpu_correctness, gpu_docs, gpu_models, layers
 from lightning_gf import cpu_kernels
 
-SECTIONS = ("correctness", "layers", "models", "segmentation", "budget", "graphs")
+SECTIONS = ("correctness", "layers", "layers_graphed", "models", "segmentation", "budget", "graphs")
 TIMM = ("timm mobilenetv2_100", "timm resnet18", "timm efficientnet_b0")
 SMP = ("smp UPerNet-resnet18", "smp DeepLabV3-resnet18")
 BUDGET_MIB = 8192
@@ -189,6 +189,33 @@ def run_layers(args: argparse.Namespace, results: Results, clock: Clock) -> None
             log(f"{dtype}: " + json.dumps(layers.summary(at)))
 
 
+def run_layers_graphed(args: argparse.Namespace, results: Results, clock: Clock) -> None:
+    if not args.device.startswith("cuda"):
+        results.data["skipped"].append("layers_graphed: CUDA graphs need a CUDA device")
+        log("SKIPPED layers_graphed: CUDA graphs need a CUDA device")
+        return
+    rows = results.data.setdefault("layers_graphed", [])
+    _cudnn_benchmark(args, results, True)
+    for dtype in (torch.float32, torch.bfloat16):
+        for r in (2, 4):
+            for spec in layers.PAPER_SUITE + layers.OTHER:
+                name = f"graphed layer {spec.name} r={r} {dtype}"
+                if clock.late():
+                    results.data["skipped"].append(f"{name}: time budget")
+                    continue
+                try:
+                    row = layers.bench_layer_graphed(spec, r, 32, 7, dtype)
+                except Exception as error:
+                    results.data["errors"].append(f"{name}: {type(error).__name__}: {error}")
+                    log(f"ERROR {name}: {type(error).__name__}: {error}")
+                    continue
+                rows.append(row)
+                log(f"graphed {row['dtype']:8s} r={r} {spec.name:26s} bwd {row['bwd_vanilla_ms']:7.3f} -> "
+                    f"{row['bwd_filtered_ms']:7.3f} ms ({row['bwd_speedup']:5.2f}x)  fwd x{row['fwd_overhead']:.2f}")
+            results.save()
+            torch.cuda.empty_cache()
+
+
 def _model_rows(names: tuple[str, ...], key: str, batch: int, size: int, args: argparse.Namespace,
                 results: Results, clock: Clock) -> None:
     rows = results.data.setdefault(key, [])
@@ -272,7 +299,7 @@ def run_graphs(args: argparse.Namespace, results: Results, clock: Clock) -> None
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Results, Clock], None]] = {
-    "correctness": run_correctness, "layers": run_layers, "models": run_models,
+    "correctness": run_correctness, "layers": run_layers, "layers_graphed": run_layers_graphed, "models": run_models,
     "segmentation": run_segmentation, "budget": run_budget, "graphs": run_graphs,
 }
 

@@ -90,7 +90,7 @@ def correctness_section(data: dict) -> str:
     return "\n".join(lines)
 
 
-def layer_section(rows: list[dict]) -> str:
+def layer_section(rows: list[dict], heading: str = "") -> str:
     if not rows:
         return "Not run."
     parts = []
@@ -99,7 +99,7 @@ def layer_section(rows: list[dict]) -> str:
         if not at:
             continue
         batch = at[0]["batch"]
-        parts.append(f"### {dtype}, batch {batch}\n")
+        parts.append(f"### {heading}{dtype}, batch {batch}\n")
         for r, s in layer_summary(at).items():
             slower = [row["name"] for row in at if row["r"] == r and row["bwd_speedup"] < 1]
             parts.append(
@@ -141,6 +141,21 @@ def model_section(rows: list[dict]) -> str:
     if base:
         out += ["", "Before the step (weights, optimizer state, input), MiB: " + ", ".join(
             f"{row['model']} {row['base_mib_vanilla']:.0f}" for row in base) + "."]
+    return "\n".join(out)
+
+
+def peak_phase_section(rows: list[dict]) -> str:
+    """Whether the step's peak comes in the forward or in the backward, vanilla and lean."""
+    rows = [row for row in rows if row.get("peak_forward_mib_vanilla") is not None]
+    if not rows:
+        return "Not measured."
+    out = ["| model | forward peak, MiB (vanilla / lean) | backward peak, MiB (vanilla / lean) "
+           "| the step's peak is in (vanilla / lean) |", "|---|---|---|---|"]
+    for row in rows:
+        where = " / ".join("forward" if row[f"peak_forward_mib_{v}"] >= row[f"peak_backward_mib_{v}"] else "backward"
+                           for v in ("vanilla", "lean"))
+        out.append(f"| {row['model']} | {_num(row['peak_forward_mib_vanilla'])} / {_num(row['peak_forward_mib_lean'])} "
+                   f"| {_num(row['peak_backward_mib_vanilla'])} / {_num(row['peak_backward_mib_lean'])} | {where} |")
     return "\n".join(out)
 
 
@@ -204,6 +219,15 @@ on every call. The paper's suite is 3x3, stride 1, Cin = Cout.
 
 {layer_section(data.get("layers", []))}
 
+### Per layer under CUDA graphs: the GPU's time alone
+
+The same layers, each contender captured once as a CUDA graph and replayed
+(`benchmarks.timing.cuda_graph_ms`): what the kernels cost on the GPU without the
+Python and launch costs of eager mode on the CPU, as in a graphed or compiled training
+step. Backward = (forward + backward) - forward.
+
+{layer_section(data.get("layers_graphed", []), heading="CUDA graphs, ")}
+
 ## End to end: memory kept, peak, step time
 
 r = 2, BatchNorm in eval mode, the same trainable set in every variant: `vanilla` is plain
@@ -215,6 +239,15 @@ optimizer state and input), each variant alone on the device; "saved by autograd
 distinct storages the graph saves (`SavedTensorMeter`, parameters excluded).
 
 {model_section(data.get("models", []) + data.get("segmentation", []))}
+
+### Where the peak is
+
+The step's peak split in two: up to the loss (forward), and backward with the SGD step.
+The forward's peak holds the frozen part's and the trained region's transient maps, which
+no filter changes; what the lean region saves shows in the backward's peak. cuDNN's
+autotuner is off while memory is measured (its trial workspaces would count).
+
+{peak_phase_section(data.get("models", []) + data.get("segmentation", []))}
 
 ### Step time under CUDA graphs
 

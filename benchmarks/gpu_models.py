@@ -72,10 +72,21 @@ def measure_memory(trainee: Trainee, x: torch.Tensor, device: str) -> dict:
 
     ``base``: allocated before the step; ``kept``: allocated when forward ends minus base
     (what the graph keeps, plus the tiny loss); ``peak``: ``max_memory_allocated`` over the
-    whole step (absolute, so it includes base); ``graph_kept``: the storages autograd
-    saves (``SavedTensorMeter``, parameters and buffers left out). CUDA figures are None
-    on other devices.
+    whole step (absolute, so it includes base), also split into ``peak_forward`` (up to the
+    loss) and ``peak_backward`` (backward and the optimizer step); ``graph_kept``: the
+    storages autograd saves (``SavedTensorMeter``, parameters and buffers left out). CUDA
+    figures are None on other devices. cuDNN's autotuner is off here: its trial workspaces
+    would count in the peak.
     """
+    tuned = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        return _measure_memory(trainee, x, device)
+    finally:
+        torch.backends.cudnn.benchmark = tuned
+
+
+def _measure_memory(trainee: Trainee, x: torch.Tensor, device: str) -> dict:
     trainee.step(x)  # optimizer state, cuDNN algorithm choice, lazily built caches
     trainee.step(x)
     out: dict[str, Optional[float]] = {"base_mib": None, "kept_mib": None, "peak_mib": None}
@@ -91,14 +102,18 @@ def measure_memory(trainee: Trainee, x: torch.Tensor, device: str) -> dict:
             loss = _loss(trainee.model(x))
             torch.cuda.synchronize()
             after_forward = torch.cuda.memory_allocated()
+            forward_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             loss.backward()
         del loss
         assert trainee.opt is not None
         trainee.opt.step()
         trainee.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        backward_peak = torch.cuda.max_memory_allocated()
         out.update(base_mib=base / MIB, kept_mib=(after_forward - base) / MIB,
-                   peak_mib=torch.cuda.max_memory_allocated() / MIB)
+                   peak_mib=max(forward_peak, backward_peak) / MIB, peak_forward_mib=forward_peak / MIB,
+                   peak_backward_mib=backward_peak / MIB)
     return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import cuda_median_ms, geomean, median_ms
+from benchmarks.timing import cuda_graph_ms, cuda_median_ms, geomean, median_ms
 from lightning_gf import cpu_kernels
 from lightning_gf.functional import filtered_conv2d
 
@@ -90,6 +90,39 @@ def bench_layer(spec: LayerSpec, r: int, batch: int, repeats: int, device: str, 
         "bwd_vanilla_ms": backward["vanilla"], "bwd_filtered_ms": backward["filtered"],
         "bwd_speedup": backward["vanilla"] / backward["filtered"],
         "fwd_overhead": forward["filtered"] / forward["vanilla"],
+    }
+
+
+def bench_layer_graphed(spec: LayerSpec, r: int, batch: int, repeats: int, dtype: torch.dtype) -> dict:
+    """GPU time alone (CUDA graphs, see ``timing.cuda_graph_ms``) of the forward and of forward
+    plus backward, vanilla and filtered; backward = their difference. Same row keys as
+    :func:`bench_layer`, with ``graphed: True``."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, spec.c_in, *spec.size, generator=g, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(spec.c_out, spec.c_in // spec.groups, spec.k, spec.k, generator=g, device="cuda") * 0.05).to(dtype)
+    w.requires_grad_()
+    b = torch.zeros(spec.c_out, device="cuda", dtype=dtype, requires_grad=True)
+    conv = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups)
+    gy = torch.randn(F.conv2d(x, w, b, **conv).shape, generator=g, device="cuda").to(dtype)
+
+    def vanilla():
+        return F.conv2d(x, w, b, **conv)
+
+    def filtered():
+        x._gf_pooled = None  # a new input every step: pool it every time
+        return filtered_conv2d(x, w, b, **conv, r=r)
+
+    t = cuda_graph_ms({
+        "fwd_v": vanilla, "fwd_f": filtered,
+        "both_v": lambda: torch.autograd.grad(vanilla(), (x, w, b), gy),
+        "both_f": lambda: torch.autograd.grad(filtered(), (x, w, b), gy),
+    }, repeats)
+    bwd_v, bwd_f = t["both_v"] - t["fwd_v"], t["both_f"] - t["fwd_f"]
+    return {
+        **asdict(spec), "r": r, "batch": batch, "device": "cuda", "dtype": str(dtype).replace("torch.", ""),
+        "graphed": True, "fwd_vanilla_ms": t["fwd_v"], "fwd_filtered_ms": t["fwd_f"],
+        "bwd_vanilla_ms": bwd_v, "bwd_filtered_ms": bwd_f, "bwd_speedup": bwd_v / max(bwd_f, 1e-6),
+        "fwd_overhead": t["fwd_f"] / t["fwd_v"],
     }
 
 

@@ -68,6 +68,8 @@ def _results() -> dict:
     model = {"model": "smp UPerNet-resnet18", "depth": 10, "size": 512, "batch": 8, "r": 2,
              "base_mib_vanilla": 120.0, "kept_mib_vanilla": 1000.0, "kept_mib_filter": 700.0, "kept_mib_lean": 250.0,
              "peak_mib_vanilla": 2400.0, "peak_mib_filter": 2900.0, "peak_mib_lean": 1200.0,
+             "peak_forward_mib_vanilla": 2000.0, "peak_backward_mib_vanilla": 2400.0,
+             "peak_forward_mib_lean": 1200.0, "peak_backward_mib_lean": 900.0,
              "graph_kept_mib_vanilla": 990.0, "graph_kept_mib_filter": 690.0, "graph_kept_mib_lean": 240.0,
              "step_ms_vanilla": 40.0, "step_ms_filter": 42.0, "step_ms_lean": 38.0}
     failed = {"tier": "large", "case": "depthwise 960x7x7", "r": 4, "stride_correction": True, "dtype": "bfloat16",
@@ -82,6 +84,7 @@ def _results() -> dict:
         "correctness": {"cases": [failed, passed], "summary": gpu_correctness.summarize([failed, passed]),
                         "tolerance": gpu_correctness.TOLERANCE, "reference_cases": [], "large_cases": [{}]},
         "layers": layers, "models": [], "segmentation": [model],
+        "layers_graphed": [dict(row, graphed=True, bwd_speedup=row["bwd_speedup"] * 2) for row in layers],
         "graphs": [{"model": "timm resnet18", "batch": 64, "step_ms_eager_vanilla": 30.0, "step_ms_eager_lean": 33.0,
                     "step_ms_graph_vanilla": 20.0, "step_ms_graph_lean": 15.0},
                    {"model": "timm efficientnet_b0", "batch": 64, "step_ms_eager_vanilla": 30.0,
@@ -121,6 +124,10 @@ def test_gpu_page_tables(tmp_path):
     model = _table_row(page, "| smp UPerNet-resnet18 |")
     assert model[4:8] == ["1000 / 700 / 250", "**-75%**", "2400 / 2900 / 1200", "**-50%**"]
     assert model[9] == "40.0 / 42.0 / 38.0"
+    assert "r=2: paper suite backward **8.00x** faster" in page  # the graphed table (GPU time alone)
+    assert "### CUDA graphs, float32, batch 32" in page
+    assert _table_row(page, "| smp UPerNet-resnet18 | 2000") == [
+        "smp UPerNet-resnet18", "2000 / 1200", "2400 / 900", "backward / forward"]
     assert _table_row(page, "| timm resnet18 | 64 |")[-1] == "0.75x"  # graphed lean vs vanilla
     assert _table_row(page, "| timm efficientnet_b0 |")[-2] == "20.0 / n/a"
     assert "capture failed: `RuntimeError: capture failed`" in page
@@ -184,7 +191,9 @@ def fake_cuda(monkeypatch):
         def elapsed_time(self, other):
             return (other.t - self.t) * 1e3
 
-    state = {"allocated": iter([100 * 2**20, 130 * 2**20]), "fractions": [], "replays": 0}
+    # forward's peak, then backward's (read once each, after a reset)
+    state = {"allocated": iter([100 * 2**20, 130 * 2**20]), "peaks": iter([180 * 2**20, 150 * 2**20]),
+             "fractions": [], "replays": 0}
 
     def replay():
         state["replays"] += 1
@@ -200,7 +209,7 @@ def fake_cuda(monkeypatch):
 
     fakes = dict(
         Event=Event, synchronize=lambda *a: None, empty_cache=lambda: None, reset_peak_memory_stats=lambda *a: None,
-        memory_allocated=lambda *a: next(state["allocated"]), max_memory_allocated=lambda *a: 180 * 2**20,
+        memory_allocated=lambda *a: next(state["allocated"]), max_memory_allocated=lambda *a: next(state["peaks"]),
         get_device_properties=lambda d: types.SimpleNamespace(total_memory=80 * 2**30),
         set_per_process_memory_fraction=set_fraction, current_device=lambda: 0,
         Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
@@ -223,6 +232,8 @@ def test_cuda_branches_with_torch_cuda_faked(fake_cuda, monkeypatch):
     trainee = gpu_models.build(_tiny_spec(), 2, 16, variants=("lean",))["lean"].to(device)
     memory = gpu_models.measure_memory(trainee, torch.randn(2, 3, 16, 16), device)
     assert (memory["base_mib"], memory["kept_mib"], memory["peak_mib"]) == (100, 30, 180)
+    assert (memory["peak_forward_mib"], memory["peak_backward_mib"]) == (180, 150)
+    assert torch.backends.cudnn.benchmark is False  # restored: the autotuner is off only while measuring
 
     real_step = gpu_models.Trainee.step
 
