@@ -60,7 +60,7 @@ class StepProfiler(pl.Callback):
             ptr = storage.data_ptr()
             if ptr not in self._params:
                 self._pending.storages[ptr] = storage.nbytes()
-        return t
+        return t.detach()  # not t itself (see lightning_gf.saved_tensors.SavedTensorMeter._pack)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
