@@ -55,9 +55,13 @@ def environment_lines(data: dict) -> str:
     tuner = ("cuDNN autotuner (`cudnn.benchmark`) on for the timings, off for the checks and the largest-batch "
              "search" if env.get("cudnn_benchmark_in_timings") else "cuDNN autotuner off")
     flags = f"{tuner}; TF32 in cuDNN convs={env.get('tf32_cudnn')}, TF32 in matmuls={env.get('tf32_matmul')}"
+    merged = "".join(
+        f"\n- Sections {', '.join(item['sections'])} from an earlier run on the same machine: "
+        f"`{item['command']}` ({item['date']}, commit `{item['commit']}`)" + (f"; {item['note']}" if item.get("note") else "")
+        for item in data.get("merged", []))
     return (f"- Device: **{device}**\n- Versions: {versions}, Python {env.get('python')}\n- Settings: {flags}\n"
             f"- Date: {env.get('date')}; commit `{env.get('commit')}`; run took {_num(data.get('elapsed_s'))} s\n"
-            f"- Command: `{data.get('command')}`")
+            f"- Command: `{data.get('command')}`{merged}")
 
 
 def correctness_section(data: dict) -> str:
@@ -124,6 +128,17 @@ def _triple(row: dict, key: str, fmt: str = ".0f") -> str:
     return " / ".join(_num(row.get(f"{key}_{v}"), fmt) for v in VARIANTS)
 
 
+def _above_base(row: dict, key: str, variant: str) -> Optional[float]:
+    """A peak minus what was allocated before the step (``None`` when either is missing)."""
+    peak, base = row.get(f"{key}_{variant}"), row.get(f"base_mib_{variant}")
+    return None if peak is None or base is None else peak - base
+
+
+def _step_peaks(row: dict) -> dict:
+    """``step_peak_mib_{variant}``: the step's peak above the memory held before it."""
+    return {f"step_peak_mib_{v}": _above_base(row, "peak_mib", v) for v in VARIANTS}
+
+
 def model_section(rows: list[dict]) -> str:
     if not rows:
         return "Not run."
@@ -132,15 +147,12 @@ def model_section(rows: list[dict]) -> str:
            "(vanilla / filter / lean) | step ms (vanilla / filter / lean) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        peaks = _step_peaks(row)
         out.append(
             f"| {row['model']} | {row['depth']} | {row['size']} | {row['batch']} | {_triple(row, 'kept_mib')} "
-            f"| **{_change(row.get('kept_mib_lean'), row.get('kept_mib_vanilla'))}** | {_triple(row, 'peak_mib')} "
-            f"| **{_change(row.get('peak_mib_lean'), row.get('peak_mib_vanilla'))}** "
+            f"| **{_change(row.get('kept_mib_lean'), row.get('kept_mib_vanilla'))}** | {_triple(peaks, 'step_peak_mib')} "
+            f"| **{_change(peaks['step_peak_mib_lean'], peaks['step_peak_mib_vanilla'])}** "
             f"| {_triple(row, 'graph_kept_mib', '.1f')} | {_triple(row, 'step_ms', '.1f')} |")
-    base = [row for row in rows if row.get("base_mib_vanilla") is not None]
-    if base:
-        out += ["", "Before the step (weights, optimizer state, input), MiB: " + ", ".join(
-            f"{row['model']} {row['base_mib_vanilla']:.0f}" for row in base) + "."]
     return "\n".join(out)
 
 
@@ -152,10 +164,11 @@ def peak_phase_section(rows: list[dict]) -> str:
     out = ["| model | forward peak, MiB (vanilla / lean) | backward peak, MiB (vanilla / lean) "
            "| the step's peak is in (vanilla / lean) |", "|---|---|---|---|"]
     for row in rows:
-        where = " / ".join("forward" if row[f"peak_forward_mib_{v}"] >= row[f"peak_backward_mib_{v}"] else "backward"
-                           for v in ("vanilla", "lean"))
-        out.append(f"| {row['model']} | {_num(row['peak_forward_mib_vanilla'])} / {_num(row['peak_forward_mib_lean'])} "
-                   f"| {_num(row['peak_backward_mib_vanilla'])} / {_num(row['peak_backward_mib_lean'])} | {where} |")
+        fwd = {v: _above_base(row, "peak_forward_mib", v) for v in ("vanilla", "lean")}
+        bwd = {v: _above_base(row, "peak_backward_mib", v) for v in ("vanilla", "lean")}
+        where = " / ".join("forward" if fwd[v] >= bwd[v] else "backward" for v in ("vanilla", "lean"))
+        out.append(f"| {row['model']} | {_num(fwd['vanilla'])} / {_num(fwd['lean'])} "
+                   f"| {_num(bwd['vanilla'])} / {_num(bwd['lean'])} | {where} |")
     return "\n".join(out)
 
 
@@ -234,9 +247,12 @@ r = 2, BatchNorm in eval mode, the same trainable set in every variant: `vanilla
 backprop (`handle.plain()`), `filter` the filtered convs alone (`lean=False`), `lean` the
 default. A step is forward, backward of a mean-square loss and an SGD step (eager). "Kept"
 = `torch.cuda.memory_allocated()` when forward ends minus before it; "peak" =
-`torch.cuda.max_memory_allocated()` over the step (absolute: it includes the weights,
-optimizer state and input), each variant alone on the device; "saved by autograd" = the
-distinct storages the graph saves (`SavedTensorMeter`, parameters excluded).
+`torch.cuda.max_memory_allocated()` over the step minus `memory_allocated()` before it: what
+the step itself adds on top of the weights, optimizer state and input, each variant alone on
+the device; "saved by autograd" = the distinct storages the graph saves
+(`SavedTensorMeter`, parameters excluded). (The absolute figures are in the raw rows; in
+the run below they also hold memory that earlier measurements leaked: the meter kept the
+graph of its forward, fixed since, so only figures above the step's own start compare.)
 
 {model_section(data.get("models", []) + data.get("segmentation", []))}
 

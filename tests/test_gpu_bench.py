@@ -66,7 +66,7 @@ def _results() -> dict:
               dict(layer, name="dw c", kind="depthwise", bwd_filtered_ms=4.0, bwd_speedup=0.5),
               dict(layer, name="3x3 a", dtype="bfloat16", bwd_filtered_ms=0.5, bwd_speedup=4.0)]
     model = {"model": "smp UPerNet-resnet18", "depth": 10, "size": 512, "batch": 8, "r": 2,
-             "base_mib_vanilla": 120.0, "kept_mib_vanilla": 1000.0, "kept_mib_filter": 700.0, "kept_mib_lean": 250.0,
+             "base_mib_vanilla": 120.0, "base_mib_filter": 220.0, "base_mib_lean": 200.0, "kept_mib_vanilla": 1000.0, "kept_mib_filter": 700.0, "kept_mib_lean": 250.0,
              "peak_mib_vanilla": 2400.0, "peak_mib_filter": 2900.0, "peak_mib_lean": 1200.0,
              "peak_forward_mib_vanilla": 2000.0, "peak_backward_mib_vanilla": 2400.0,
              "peak_forward_mib_lean": 1200.0, "peak_backward_mib_lean": 900.0,
@@ -93,6 +93,8 @@ def _results() -> dict:
         "budget": [{"model": "timm resnet18", "depth": 4, "size": 224, "budget_mib": 8192, "batch_vanilla": 600,
                     "batch_lean": 660, "capped_vanilla": None, "capped_lean": "time"}],
         "skipped": ["graphs timm mobilenetv2_100: time budget"], "errors": [],
+        "merged": [{"sections": ["budget"], "command": "python3 -m benchmarks.gpu --sections budget",
+                    "date": "2026-01-01 00:05", "commit": "abc1234"}],
     }
 
 
@@ -112,6 +114,7 @@ def test_gpu_page_tables(tmp_path):
 
     assert json.loads((docs / "gpu-results.json").read_text()) == _results()  # copied next to the page
     assert "NVIDIA H100 80GB HBM3" in page and "Triton 3.6.0" in page and "--out $OUT" in page
+    assert "Sections budget from an earlier run on the same machine: `python3 -m benchmarks.gpu --sections budget`" in page
     assert "**1 passed**" in page and "**1 failed**" in page
     assert "- large depthwise 960x7x7 r=4 sc=True bfloat16 channels_last" in page
     assert "fell back to the plain path" in page
@@ -122,12 +125,13 @@ def test_gpu_page_tables(tmp_path):
     assert "### bfloat16, batch 32" in page
     assert _table_row(page, "| dw c |")[-1] == "**0.50x**"
     model = _table_row(page, "| smp UPerNet-resnet18 |")
-    assert model[4:8] == ["1000 / 700 / 250", "**-75%**", "2400 / 2900 / 1200", "**-50%**"]
+    # peaks above what each variant held before its step: 2280 / 2680 / 1000
+    assert model[4:8] == ["1000 / 700 / 250", "**-75%**", "2280 / 2680 / 1000", "**-56%**"]
     assert model[9] == "40.0 / 42.0 / 38.0"
     assert "r=2: paper suite backward **8.00x** faster" in page  # the graphed table (GPU time alone)
     assert "### CUDA graphs, float32, batch 32" in page
-    assert _table_row(page, "| smp UPerNet-resnet18 | 2000") == [
-        "smp UPerNet-resnet18", "2000 / 1200", "2400 / 900", "backward / forward"]
+    assert _table_row(page, "| smp UPerNet-resnet18 | 1880") == [
+        "smp UPerNet-resnet18", "1880 / 1000", "2280 / 700", "backward / forward"]
     assert _table_row(page, "| timm resnet18 | 64 |")[-1] == "0.75x"  # graphed lean vs vanilla
     assert _table_row(page, "| timm efficientnet_b0 |")[-2] == "20.0 / n/a"
     assert "capture failed: `RuntimeError: capture failed`" in page
