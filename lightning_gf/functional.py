@@ -78,10 +78,10 @@ def _use_kernels(t: Tensor) -> bool:
 def _use_triton(t: Tensor) -> bool:
     """Whether the Triton kernels take ``t``: a plain tensor on an enabled device (CUDA), outside tracing."""
     return (
-        t.dtype in _KERNEL_DTYPES
+        triton_kernels.takes(t)  # first: False at once for CPU tensors
+        and t.dtype in _KERNEL_DTYPES
         and type(t) is Tensor
         and not torch.compiler.is_compiling()
-        and triton_kernels.takes(t)
     )
 
 
