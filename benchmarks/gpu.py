@@ -189,10 +189,17 @@ def run_layers(args: argparse.Namespace, results: Results, clock: Clock) -> None
             log(f"{dtype}: " + json.dumps(layers.summary(at)))
 
 
+def _graphs_possible(args: argparse.Namespace, results: Results, section: str) -> bool:
+    """CUDA graphs need a CUDA device: otherwise the section is listed as skipped, saying so."""
+    if args.device.startswith("cuda"):
+        return True
+    results.data["skipped"].append(f"{section}: CUDA graphs need a CUDA device")
+    log(f"SKIPPED {section}: CUDA graphs need a CUDA device")
+    return False
+
+
 def run_layers_graphed(args: argparse.Namespace, results: Results, clock: Clock) -> None:
-    if not args.device.startswith("cuda"):
-        results.data["skipped"].append("layers_graphed: CUDA graphs need a CUDA device")
-        log("SKIPPED layers_graphed: CUDA graphs need a CUDA device")
+    if not _graphs_possible(args, results, "layers_graphed"):
         return
     rows = results.data.setdefault("layers_graphed", [])
     _cudnn_benchmark(args, results, True)
@@ -278,9 +285,7 @@ def run_budget(args: argparse.Namespace, results: Results, clock: Clock) -> None
 
 
 def run_graphs(args: argparse.Namespace, results: Results, clock: Clock) -> None:
-    if not args.device.startswith("cuda"):
-        results.data["skipped"].append("graphs: CUDA graphs need a CUDA device")
-        log("SKIPPED graphs: CUDA graphs need a CUDA device")
+    if not _graphs_possible(args, results, "graphs"):
         return
     rows = results.data.setdefault("graphs", [])
     _cudnn_benchmark(args, results, True)

@@ -13,32 +13,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gf import GradientFilterCallback
+from tests.memory_logger import MemoryLogger
 from tests.models import TinyCNN
 
 STEPS = 300
 PROBES = (100, 200, 300)  # after warm-up
-
-
-class MemoryLogger(pl.loggers.Logger):
-    """Keeps every logged metric in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 def _live_objects() -> dict[str, int]:

@@ -6,38 +6,17 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_gf import GradientFilterCallback, peak_memory
+from tests.memory_logger import MemoryLogger
 from tests.test_callback import _lit_class, _trainer
 
 MIB = 2**20
-
-
-class MemoryLogger(pl.loggers.Logger):
-    """Keeps every logged metric in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append(dict(metrics))
 
 
 def _fit(tmp_path) -> list[float]:
     logger = MemoryLogger()
     model = _lit_class(pl)()
     _trainer(pl, tmp_path, [GradientFilterCallback(r=2, depth=2)], logger=logger).fit(model)
-    return [row["gf/peak_mb"] for row in logger.rows if "gf/peak_mb" in row]
+    return [row["gf/peak_mb"] for _, row in logger.rows if "gf/peak_mb" in row]
 
 
 def test_peak_is_logged_per_step_in_mib_after_a_reset(tmp_path, monkeypatch):
