@@ -50,7 +50,12 @@ def _switched_off() -> bool:
 
 
 def available() -> bool:
-    """Whether the Triton kernels can run: Triton imports and ``LIGHTNING_GF_TRITON`` is not ``0``."""
+    """Whether the Triton kernels can run: Triton imports and ``LIGHTNING_GF_TRITON`` is not ``0``.
+
+    Example:
+        >>> isinstance(available(), bool)
+        True
+    """
     return _INSTALLED and not _switched_off()
 
 
@@ -64,7 +69,13 @@ def enable_on(device_type: str) -> None:
 
 
 def disable_on(device_type: str) -> None:
-    """Stop running the kernels on tensors of ``device_type`` (undoes :func:`enable_on`)."""
+    """Stop running the kernels on tensors of ``device_type`` (undoes :func:`enable_on`).
+
+    Example:
+        >>> enable_on("cpu"); disable_on("cpu")
+        >>> takes(torch.ones(4))
+        False
+    """
     _device_types.discard(device_type)
 
 
@@ -73,11 +84,16 @@ _SKIPPED: set[str] = set()
 
 def takes(t: Tensor) -> bool:
     """Whether the kernels take ``t``: its device type is enabled, Triton is available, and it is small enough
-    for 32-bit indexing (anything else runs the plain path, said once in the debug log)."""
+    for 32-bit indexing (anything else runs the plain path; a map too large is said once in the debug log).
+
+    Example:
+        >>> takes(torch.ones(4))  # a CPU tensor: only CUDA ones by default
+        False
+    """
     if t.device.type not in _device_types or not available() or t.numel() == 0:
         return False
     if t.numel() > _INT32_LIMIT:
-        reason = f"a map of {t.numel()} elements (over 2**31)"
+        reason = "maps of over 2**31 elements"
         if reason not in _SKIPPED:
             _SKIPPED.add(reason)
             _LOG.debug("lightning_gf: Triton kernels skip %s; the plain PyTorch path runs", reason)
