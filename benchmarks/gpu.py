@@ -107,6 +107,16 @@ class Results:
         self.path = out_dir / "gpu-results.json"
         self.data = data
 
+    def attempt(self, name: str, measure: Callable[[], Any], trace: bool = False) -> Any:
+        """``measure()``, or None when it raises: the error is recorded under ``name`` and logged
+        (with a short traceback when ``trace``), and the run goes on."""
+        try:
+            return measure()
+        except Exception as error:
+            self.data["errors"].append(f"{name}: {type(error).__name__}: {error}")
+            log(f"ERROR {name}: {type(error).__name__}: {error}" + (f"\n{traceback.format_exc(limit=4)}" if trace else ""))
+            return None
+
     def save(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
@@ -172,11 +182,8 @@ def run_layers(args: argparse.Namespace, results: Results, clock: Clock) -> None
                 if clock.late() or clock.elapsed() - began > args.layers_budget_s:
                     results.data["skipped"].append(f"{name}: time budget")
                     continue
-                try:
-                    row = layers.bench_layer(spec, r, batch, repeats, args.device, dtype)
-                except Exception as error:
-                    results.data["errors"].append(f"{name}: {type(error).__name__}: {error}")
-                    log(f"ERROR {name}: {type(error).__name__}: {error}")
+                row = results.attempt(name, lambda: layers.bench_layer(spec, r, batch, repeats, args.device, dtype))
+                if row is None:
                     continue
                 rows.append(row)
                 log(f"{row['dtype']:8s} r={r} {spec.name:26s} bwd {row['bwd_vanilla_ms']:8.3f} -> "
@@ -210,11 +217,8 @@ def run_layers_graphed(args: argparse.Namespace, results: Results, clock: Clock)
                 if clock.late():
                     results.data["skipped"].append(f"{name}: time budget")
                     continue
-                try:
-                    row = layers.bench_layer_graphed(spec, r, 32, 7, dtype)
-                except Exception as error:
-                    results.data["errors"].append(f"{name}: {type(error).__name__}: {error}")
-                    log(f"ERROR {name}: {type(error).__name__}: {error}")
+                row = results.attempt(name, lambda: layers.bench_layer_graphed(spec, r, 32, 7, dtype))
+                if row is None:
                     continue
                 rows.append(row)
                 log(f"graphed {row['dtype']:8s} r={r} {spec.name:26s} bwd {row['bwd_vanilla_ms']:7.3f} -> "
@@ -231,12 +235,10 @@ def _model_rows(names: tuple[str, ...], key: str, batch: int, size: int, args: a
             results.data["skipped"].append(f"{key} {name}: time budget")
             continue
         spec = gpu_models.spec_named(name)
-        try:
-            rows.append(gpu_models.bench_model(spec, 2, batch, size, args.device, 1 if args.smoke else args.repeats,
-                                               report=log))
-        except Exception as error:
-            results.data["errors"].append(f"{key} {name}: {type(error).__name__}: {error}")
-            log(f"ERROR {key} {name}: {type(error).__name__}: {error}\n{traceback.format_exc(limit=4)}")
+        row = results.attempt(f"{key} {name}", lambda: gpu_models.bench_model(
+            spec, 2, batch, size, args.device, 1 if args.smoke else args.repeats, report=log), trace=True)
+        if row is not None:
+            rows.append(row)
         results.save()
 
 
@@ -275,12 +277,11 @@ def run_budget(args: argparse.Namespace, results: Results, clock: Clock) -> None
             continue
         if args.smoke:
             size, start, cap = 32, 1, 2
-        try:
-            rows.append(gpu_models.batch_in_budget(gpu_models.spec_named(name), 2, size, args.device, BUDGET_MIB,
-                                                   start, cap, args.budget_search_s, report=log))
-        except Exception as error:
-            results.data["errors"].append(f"budget {name}: {type(error).__name__}: {error}")
-            log(f"ERROR budget {name}: {type(error).__name__}: {error}\n{traceback.format_exc(limit=4)}")
+        row = results.attempt(f"budget {name}", lambda: gpu_models.batch_in_budget(
+            gpu_models.spec_named(name), 2, size, args.device, BUDGET_MIB, start, cap, args.budget_search_s,
+            report=log), trace=True)
+        if row is not None:
+            rows.append(row)
         results.save()
 
 
@@ -294,12 +295,10 @@ def run_graphs(args: argparse.Namespace, results: Results, clock: Clock) -> None
         if clock.late():
             results.data["skipped"].append(f"graphs {name}: time budget")
             continue
-        try:
-            rows.append(gpu_models.bench_graphed(gpu_models.spec_named(name), 2, batch, size, args.device,
-                                                 1 if args.smoke else args.repeats, report=log))
-        except Exception as error:
-            results.data["errors"].append(f"graphs {name}: {type(error).__name__}: {error}")
-            log(f"ERROR graphs {name}: {type(error).__name__}: {error}")
+        row = results.attempt(f"graphs {name}", lambda: gpu_models.bench_graphed(
+            gpu_models.spec_named(name), 2, batch, size, args.device, 1 if args.smoke else args.repeats, report=log))
+        if row is not None:
+            rows.append(row)
         results.save()
 
 

@@ -255,3 +255,11 @@ def test_cuda_branches_with_torch_cuda_faked(fake_cuda, monkeypatch):
 
     row = gpu_models.bench_graphed(_tiny_spec(), 2, 2, 16, device, repeats=2, report=lambda line: None)
     assert fake_cuda["replays"] > 0 and row["step_ms_graph_lean"] is not None and row["step_ms_eager_vanilla"] > 0
+
+
+def test_a_failed_measurement_is_recorded_and_the_run_goes_on(tmp_path, capsys):
+    results = gpu.Results(tmp_path, {"errors": []})
+    assert results.attempt("fine", lambda: {"row": 1}) == {"row": 1}
+    assert results.attempt("layer x r=2", lambda: 1 / 0, trace=True) is None
+    assert results.data["errors"] == ["layer x r=2: ZeroDivisionError: division by zero"]
+    assert "ERROR layer x r=2: ZeroDivisionError" in capsys.readouterr().out
