@@ -60,10 +60,9 @@ class SavedTensorMeter:
             self._all[key] = key[1]
             if self._current:
                 self._per_layer[self._current[-1]][key] = key[1]
-        # A detached view, not ``t`` itself: a node given back its own output would hold that
-        # output's Python object, and a tensor with Python attributes (the filter caches its
-        # pooled copy on the conv's input) then sits in a cycle that no garbage collection sees:
-        # a forward that is never backpropagated would keep its whole graph.
+        # A detached view, not ``t`` itself: handing autograd back the very tensors it saves
+        # (measured with the filter's autograd Functions in the graph) left a forward that is
+        # never backpropagated with a graph that no garbage collection frees.
         return t.detach()
 
     def _enter_layer(self, name: str) -> Any:
