@@ -300,7 +300,7 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
                  dtype: torch.dtype) -> Tensor:
     """``g_w``: ``scale`` times one value per (out, in) channel pair, shared by every kernel tap."""
     per_pair = _weight_grad_per_pair(gbar, xs, groups)
-    if _use_triton(per_pair):  # one broadcasting copy (and an in-place scale for strided convs)
+    if per_pair.device.type != "cpu":  # one broadcasting copy (and an in-place scale for strided convs)
         grad_w = torch.empty(weight_shape, dtype=dtype, device=per_pair.device)
         grad_w.copy_(per_pair[:, :, None, None].expand(weight_shape))
         return grad_w.mul_(scale) if scale != 1 else grad_w
