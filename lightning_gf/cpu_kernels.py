@@ -33,7 +33,10 @@ ENV_SWITCH = "LIGHTNING_GF_CPU_KERNELS"
 ENV_CACHE = "LIGHTNING_GF_CACHE"
 _NAME = "lightning_gf_cpu"
 _SOURCE = Path(__file__).parent / "csrc" / "patch_kernels.cpp"
-_FLAGS = ["-O3", "-march=native"]
+# OpenMP as torch's own parallel backend: without it ``at::parallel_for`` in the kernels
+# runs on one thread
+_OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
+_FLAGS = ["-O3", "-march=native", *_OPENMP]
 
 _lock = threading.Lock()
 _loaded: Optional[bool] = None  # None: not tried yet
@@ -82,7 +85,8 @@ def _build_and_load() -> None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(directory),
+        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=_OPENMP,
+                           build_directory=str(directory),
                            is_python_module=False, verbose=False)
     finally:
         quiet.setLevel(level)

@@ -14,9 +14,13 @@ from lightning_gf.functional import _patch_means_and_total, _spread_to_input, _t
 from lightning_gf.patch_grid import AxisGrid
 from tests.conftest import cpu_path_forced
 
-# (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
+# (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides;
+# then wide maps, whose patch columns are summed eight at a time (AVX2), one whole map
+# width at once when the grid tiles it or row by row around clipped patches, and
+# enough maps to split across threads
 GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9, 11, 4, 2), (2, 3, 7, 5, 2, 3),
-         (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1)]
+         (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1),
+         (2, 160, 6, 40, 2, 1), (1, 2, 9, 70, 4, 1), (1, 3, 12, 64, 4, 2), (1, 2, 5, 37, 2, 1)]
 
 
 def _plain(fn, *args, **kwargs):
@@ -168,3 +172,12 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
     env = dict(os.environ, LIGHTNING_GF_CACHE=str(tmp_path), CXX="/nonexistent/c++", PATH="/nonexistent")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_kernels_run_their_loops_on_torchs_threads():
+    """Built with OpenMP where torch's own parallel backend is OpenMP: without it the
+    kernels' ``at::parallel_for`` loops run on one thread (2x slower on 2 cores)."""
+    if "OpenMP" not in torch.__config__.parallel_info() or sys.platform != "linux":
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    library = (cpu_kernels.build_directory() / "lightning_gf_cpu.so").read_bytes()
+    assert b"GOMP_parallel" in library  # the parallel regions call into the OpenMP runtime

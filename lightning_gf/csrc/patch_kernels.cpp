@@ -22,6 +22,9 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace lightning_gf {
 namespace {
@@ -158,27 +161,101 @@ void with_width(int64_t k, Fn&& fn) {
   }
 }
 
-// Sums over the patches of a map that the grid tiles exactly (ph*kh rows and pw*kw
-// columns, row stride `stride`), times `scale`, into `out`; returns the map's total.
-// KH, KW > 0 fix the patch size at compile time (unrolled, vectorisable loop).
-template <int KH, int KW, typename scalar_t, typename acc_t>
-acc_t pool_tiled(const scalar_t* __restrict__ map, int64_t stride, acc_t* __restrict__ out, int64_t ph, int64_t pw,
-                 int64_t kh_dyn, int64_t kw_dyn, acc_t scale) {
-  const int64_t kh = KH > 0 ? KH : kh_dyn, kw = KW > 0 ? KW : kw_dyn;
-  acc_t total = 0;
-  for (int64_t p = 0; p < ph; ++p) {
-    const scalar_t* top = map + p * kh * stride;  // cell (i, t) of patch q: top[i * stride + q * kw + t]
-    acc_t* row_out = out + p * pw;
-    acc_t row_total = 0;
-    for (int64_t q = 0; q < pw; ++q) {
-      acc_t s = 0;
-      for (int64_t i = 0; i < kh; ++i)
-        for (int64_t t = 0; t < kw; ++t) s += static_cast<acc_t>(top[i * stride + q * kw + t]);
-      row_total += s;
-      row_out[q] = s * scale;
-    }
-    total += row_total;
+// Sums the rows [begin, end) of a map (row length w) into `acc`, column by column, row
+// after row: sequential reads and elementwise loops the compiler vectorises (summing
+// patch by patch is a chain of scalar adds, several times slower).
+template <typename scalar_t, typename acc_t>
+void sum_rows(const scalar_t* __restrict__ map, int64_t w, int64_t begin, int64_t end, acc_t* __restrict__ acc) {
+  const scalar_t* top = map + begin * w;
+  if (end - begin == 1) {
+    for (int64_t j = 0; j < w; ++j) acc[j] = static_cast<acc_t>(top[j]);
+    return;
   }
+  for (int64_t j = 0; j < w; ++j) acc[j] = static_cast<acc_t>(top[j]) + static_cast<acc_t>(top[w + j]);
+  for (int64_t i = 2; i < end - begin; ++i) {
+    const scalar_t* row = top + i * w;
+    for (int64_t j = 0; j < w; ++j) acc[j] += static_cast<acc_t>(row[j]);
+  }
+}
+
+// sums[q] = cells[q*KW] + ... + cells[q*KW + KW-1] for q < groups. With AVX2, groups of 2
+// and 4 floats are added eight at a time by pairwise horizontal adds (compilers leave this
+// loop scalar); elsewhere, and for other widths, one group at a time.
+template <int KW, typename acc_t>
+void sum_groups(const acc_t* __restrict__ cells, int64_t groups, acc_t* __restrict__ sums) {
+  int64_t q = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float> && KW == 2) {
+    for (; q + 8 <= groups; q += 8) {  // hadd: [a01 a23 b01 b23 | a45 a67 b45 b67], then put the halves in order
+      const __m256 pairs = _mm256_hadd_ps(_mm256_loadu_ps(cells + 2 * q), _mm256_loadu_ps(cells + 2 * q + 8));
+      _mm256_storeu_ps(sums + q, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8)));
+    }
+  }
+  if constexpr (std::is_same_v<acc_t, float> && KW == 4) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; q + 8 <= groups; q += 8) {
+      const float* a = cells + 4 * q;
+      const __m256 low = _mm256_hadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(a + 8));
+      const __m256 high = _mm256_hadd_ps(_mm256_loadu_ps(a + 16), _mm256_loadu_ps(a + 24));
+      _mm256_storeu_ps(sums + q, _mm256_permutevar8x32_ps(_mm256_hadd_ps(low, high), order));
+    }
+  }
+#endif
+  for (; q < groups; ++q) {
+    acc_t s = 0;
+    for (int t = 0; t < KW; ++t) s += cells[q * KW + t];
+    sums[q] = s;
+  }
+}
+
+// The sum of n values, in eight interleaved partial sums (one chain of scalar adds
+// would take four cycles a value).
+template <typename acc_t>
+acc_t sum_values(const acc_t* __restrict__ values, int64_t n) {
+  acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += values[k + l];
+  for (; k < n; ++k) lanes[0] += values[k];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The patch sums of one map (h x w, row-major) into `out` (ph x pw), each times
+// `factor[patch]` when `factor` is given; returns the sum of the patch sums. First the
+// column sums of every patch row (one sequential read of the map; cells outside the grid
+// are never read), then the columns of each patch: in one call over the whole map when
+// the grid tiles its width. KW > 0: whole patches are KW wide. `scratch` holds ph * w values.
+template <int KW, typename scalar_t, typename acc_t>
+acc_t pool_plane(const scalar_t* __restrict__ map, int64_t w, const std::vector<Span>& rows,
+                 const std::vector<Span>& cols, WholeRange whole_cols, int64_t before_w, const acc_t* factor,
+                 acc_t* __restrict__ out, acc_t* __restrict__ scratch) {
+  const int64_t ph = static_cast<int64_t>(rows.size()), pw = static_cast<int64_t>(cols.size());
+  for (int64_t p = 0; p < ph; ++p) {
+    if (rows[p].end > rows[p].begin)
+      sum_rows(map, w, rows[p].begin, rows[p].end, scratch + p * w);
+    else
+      std::fill(scratch + p * w, scratch + (p + 1) * w, acc_t(0));
+  }
+  if (KW > 0 && before_w == 0 && pw * KW == w) {  // every patch whole along the width
+    sum_groups<(KW > 0 ? KW : 1)>(scratch, ph * pw, out);
+  } else {
+    for (int64_t p = 0; p < ph; ++p) {
+      const acc_t* acc = scratch + p * w;
+      acc_t* sums = out + p * pw;
+      if constexpr (KW > 0)  // the patches whole inside the map
+        sum_groups<KW>(acc + whole_cols.first * KW - before_w, whole_cols.last - whole_cols.first,
+                       sums + whole_cols.first);
+      for (int64_t q = 0; q < pw; ++q) {  // the patches clipped by the map's edges
+        if (KW > 0 && q >= whole_cols.first && q < whole_cols.last) continue;
+        acc_t s = 0;
+        for (int64_t j = cols[q].begin; j < cols[q].end; ++j) s += acc[j];
+        sums[q] = s;
+      }
+    }
+  }
+  const acc_t total = sum_values(out, ph * pw);
+  if (factor != nullptr)
+    for (int64_t k = 0; k < ph * pw; ++k) out[k] *= factor[k];
   return total;
 }
 
@@ -202,49 +279,29 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
   // where the pooled map of plane (image i, channel k) = i * c + k starts in `stored`
   const auto pooled_at = [n, c, ph, pw](int64_t plane) { return ((plane % c) * n + plane / c) * ph * pw; };
   const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
-
-  // the grid tiles the map exactly: pool in place; otherwise copy each map into a
-  // zero-padded (or cropped) tile-aligned buffer first
-  const bool tiled = before_h == 0 && before_w == 0 && ph * kh == h && pw * kw == w;
-  const int64_t th = ph * kh, tw = pw * kw;
+  const WholeRange whole_cols = whole_patches(pw, kw, before_w, w);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "lightning_gf_patch_pool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> inv_cells(ph * pw);  // 1 / (cells of the patch inside the map)
-    for (int64_t p = 0; p < ph; ++p)
-      for (int64_t q = 0; q < pw; ++q) {
-        const int64_t cells = std::max<int64_t>(rows[p].end - rows[p].begin, 0) *
-                              std::max<int64_t>(cols[q].end - cols[q].begin, 0);
-        inv_cells[p * pw + q] = cells > 0 ? acc_t(1) / static_cast<acc_t>(cells) : acc_t(0);
-      }
-    const acc_t scale = (mean && tiled) ? acc_t(1) / static_cast<acc_t>(kh * kw) : acc_t(1);
+    std::vector<acc_t> inv_cells(mean ? ph * pw : 0);  // 1 / (cells of the patch inside the map)
+    for (int64_t k = 0; k < static_cast<int64_t>(inv_cells.size()); ++k) {
+      const int64_t cells = std::max<int64_t>(rows[k / pw].end - rows[k / pw].begin, 0) *
+                            std::max<int64_t>(cols[k % pw].end - cols[k % pw].begin, 0);
+      inv_cells[k] = cells > 0 ? acc_t(1) / static_cast<acc_t>(cells) : acc_t(0);
+    }
+    const acc_t* factor = mean ? inv_cells.data() : nullptr;
     const scalar_t* src = t.const_data_ptr<scalar_t>();
     acc_t* dst = stored.mutable_data_ptr<acc_t>();
     acc_t* totals = channel_totals ? plane_totals.mutable_data_ptr<acc_t>() : nullptr;
-    // the rows and columns of the map that fall on the grid, and where they land in the buffer
-    const int64_t i0 = std::max<int64_t>(0, -before_h), i1 = std::min<int64_t>(h, th - before_h);
-    const int64_t j0 = std::max<int64_t>(0, -before_w), j1 = std::min<int64_t>(w, tw - before_w);
-    with_width(kh, [&](auto height) {
-      with_width(kw, [&](auto width) {
-        constexpr int KH = decltype(height)::value, KW = decltype(width)::value;
-        at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
-          std::vector<scalar_t> buffer(tiled ? 0 : th * tw, scalar_t(0));
-          for (int64_t plane = first; plane < last; ++plane) {
-            const scalar_t* map = src + plane * h * w;
-            acc_t* pooled = dst + pooled_at(plane);
-            acc_t total;
-            if (tiled) {
-              total = pool_tiled<KH, KW>(map, w, pooled, ph, pw, kh, kw, scale);
-            } else {
-              for (int64_t i = i0; i < i1; ++i)
-                std::copy(map + i * w + j0, map + i * w + j1, buffer.data() + (i + before_h) * tw + j0 + before_w);
-              total = pool_tiled<KH, KW>(buffer.data(), tw, pooled, ph, pw, kh, kw, acc_t(1));
-              if (mean)
-                for (int64_t k = 0; k < ph * pw; ++k) pooled[k] *= inv_cells[k];
-            }
-            if (totals != nullptr) totals[plane] = total;
-          }
-        });
+    with_width(kw, [&](auto width) {
+      constexpr int KW = decltype(width)::value;
+      at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
+        std::vector<acc_t> scratch(ph * w);
+        for (int64_t plane = first; plane < last; ++plane) {
+          const acc_t total = pool_plane<KW>(src + plane * h * w, w, rows, cols, whole_cols, before_w, factor,
+                                             dst + pooled_at(plane), scratch.data());
+          if (totals != nullptr) totals[plane] = total;
+        }
       });
     });
   });
