@@ -64,12 +64,12 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _use_kernels(t: Tensor) -> bool:
     """Whether the compiled CPU kernels take ``t``: a plain CPU tensor, outside tracing, stored
-    contiguous or channel-major (what they make)."""
+    contiguous, channel-major (what they make) or patch-major (what small maps make)."""
     return (
         t.device.type == "cpu"
         and t.dtype in _KERNEL_DTYPES
         and type(t) is Tensor
-        and (t.is_contiguous() or _channel_major(t))
+        and (t.is_contiguous() or _channel_major(t) or small_maps.is_patch_major(t))
         and not torch.compiler.is_compiling()
         and cpu_kernels.available()
     )
@@ -279,6 +279,9 @@ def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool
     c_out_group = c_out // groups
     n, _, ph, pw = t.shape
     if groups == 1:
+        if small_maps.is_patch_major(t):  # (P*N, C) @ (C, C'), no copies; the result is patch-major too
+            flat = t.permute(2, 3, 0, 1).reshape(-1, t.shape[1]) @ (w2d if transpose else w2d.t())
+            return flat.view(ph, pw, n, -1).permute(2, 3, 0, 1)
         mix = w2d.t() if transpose else w2d
         if _channel_major(t):  # one product, no copies; the result is channel-major too
             return (mix @ t.transpose(0, 1).reshape(t.shape[1], -1)).reshape(-1, n, ph, pw).transpose(0, 1)
@@ -322,6 +325,8 @@ def _weight_grad_per_pair(gbar: Tensor, xs: Tensor, groups: int) -> Tensor:
     if groups == 1:
         if _channel_major(gbar) and _channel_major(xs):  # one product over all samples and patches, no copies
             per_pair = gbar.transpose(0, 1).reshape(c_out, -1) @ xs.transpose(0, 1).reshape(c_in, -1).t()
+        elif small_maps.is_patch_major(gbar) and small_maps.is_patch_major(xs):  # the same, patch-major
+            per_pair = gbar.permute(2, 3, 0, 1).reshape(-1, c_out).t() @ xs.permute(2, 3, 0, 1).reshape(-1, c_in)
         elif gbar.shape[2] * gbar.shape[3] >= _MANY_PATCHES:  # a product per sample, summed
             per_pair = torch.bmm(gbar.reshape(n, c_out, -1), xs.reshape(n, c_in, -1).transpose(1, 2)).sum(0)
         else:  # few patches: one product over all samples and patches

@@ -1,9 +1,12 @@
 """Pooling and spreading small maps by one matrix product with a 0/1 cell-to-patch matrix.
 
 A map of at most ``SMALL_MAP`` cells cut into at most ``FEW_PATCHES`` patches (the 7x7
-and 14x14 maps of the last stages of most CNNs) is pooled by ``(N*C, H*W) @ (H*W, P)``
+and 14x14 maps of the last stages of most CNNs) is pooled by ``(P, H*W) @ (H*W, N*C)``
 and spread back by ``(N*C, P) @ (P, H*W)``: one call however irregular the grid, which
 was faster on CPU than per-map loops (``docs/benchmarks-history.md``, attempt 4).
+Pooled maps come back *patch-major*: an ``(N, C, P_h, P_w)`` view of storage ordered
+``(P_h, P_w, N, C)``, which the backward's two channel products read as a
+``(P*N, C)`` matrix without a copy (:func:`is_patch_major`).
 A non-finite value then reaches the other patches of its map as NaN (``0 * inf``),
 where it would stay in its own patch otherwise; the gradient is unusable either way.
 
@@ -67,19 +70,38 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def is_patch_major(t: Tensor) -> bool:
+    """Whether ``t`` (N, C, P_h, P_w) is stored as (P_h, P_w, N, C): a ``(P*N, C)`` matrix for free.
+
+    Example:
+        >>> g = AxisGrid.build(in_size=4, out_size=4, r=2, stride=1)
+        >>> is_patch_major(pool_small(torch.ones(2, 3, 4, 4), g, g, on_input=True))
+        True
+    """
+    return t.permute(2, 3, 0, 1).is_contiguous()
+
+
+def _as_patch_major(sums: Tensor, n: int, c: int, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
+    """``(P, N*C)`` patch values as an ``(N, C, P_h, P_w)`` view."""
+    return sums.view(grid_h.patches, grid_w.patches, n, c).permute(2, 3, 0, 1)
+
+
 def pool_small(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
-    """Patch sums of ``t`` (N, C, H, W), in ``t``'s dtype, shape ``(N, C, P_h, P_w)``."""
+    """Patch sums of ``t`` (N, C, H, W), in ``t``'s dtype, shape ``(N, C, P_h, P_w)``:
+    patch-major below ``FEW_PATCHES`` patches, else contiguous (whichever product is faster)."""
     n, c, h, w = t.shape
     member = _membership(grid_h, grid_w, on_input, t)
-    return _product(t.reshape(n * c, h * w), member).reshape(n, c, grid_h.patches, grid_w.patches)
+    if member.shape[1] >= FEW_PATCHES:
+        return (t.reshape(n * c, h * w) @ member).view(n, c, grid_h.patches, grid_w.patches)
+    return _as_patch_major(_product(member.t(), t.reshape(n * c, h * w).t()), n, c, grid_h, grid_w)
 
 
 def means_and_total_small(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
-    """Means over the valid cells of each output patch, and the per-channel sum, in one product."""
+    """Means over the valid cells of each output patch (patch-major), and the per-channel
+    sum, in one product."""
     n, c, h, w = grad_out.shape
-    out = _product(grad_out.reshape(n * c, h * w), _membership(grid_h, grid_w, None, grad_out))
-    means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
-    return means, out[:, -1].reshape(n, c).sum(0)
+    out = _product(_membership(grid_h, grid_w, None, grad_out).t(), grad_out.reshape(n * c, h * w).t())
+    return _as_patch_major(out[:-1], n, c, grid_h, grid_w), out[-1].view(n, c).sum(0)
 
 
 def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, height: int, width: int) -> Tensor:
@@ -88,4 +110,8 @@ def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, 
     member = _membership(grid_h, grid_w, True, low)
     if scale != 1:
         member = member * scale
-    return _product(low.reshape(n * c, -1), member.t()).reshape(n, c, height, width)
+    if is_patch_major(low):  # (N*C, P) as the transpose of a (P, N*C) matrix, no copy
+        values = low.permute(2, 3, 0, 1).reshape(-1, n * c).t()
+    else:
+        values = low.reshape(n * c, -1)
+    return _product(values, member.t()).reshape(n, c, height, width)

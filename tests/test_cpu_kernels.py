@@ -181,3 +181,28 @@ def test_kernels_run_their_loops_on_torchs_threads():
         pytest.skip("torch's parallel backend here is not OpenMP")
     library = (cpu_kernels.build_directory() / "lightning_gf_cpu.so").read_bytes()
     assert b"GOMP_parallel" in library  # the parallel regions call into the OpenMP runtime
+
+
+def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
+    """Below ``FEW_PATCHES`` patches the pooled sums, and always the ``g_y`` means, are stored
+    (P_h, P_w, N, C): both channel products then take them as one matrix, and give what
+    they give on the same values stored contiguous."""
+    from lightning_gf import small_maps
+    from lightning_gf.functional import _grouped_channel_mix, _weight_grad_per_pair
+
+    grid_h, grid_w, out_size = _grids(8, 8, 4, 1)  # 2x2 patches
+    g = torch.Generator().manual_seed(2)
+    x, gy = torch.randn(3, 5, 8, 8, generator=g), torch.randn(3, 6, *out_size, generator=g)
+    with cpu_path_forced("small_maps"):
+        pooled = pool_patches(x, grid_h, grid_w, on_input=True)
+        means, _ = _patch_means_and_total(gy, grid_h, grid_w)
+    assert small_maps.is_patch_major(pooled) and small_maps.is_patch_major(means)
+    assert not pooled.is_contiguous() and not means.is_contiguous()
+    taps = torch.randn(6, 5, generator=g)
+    low = _grouped_channel_mix(means, taps, 1, transpose=True)
+    assert small_maps.is_patch_major(low)
+    torch.testing.assert_close(low, _grouped_channel_mix(means.contiguous(), taps, 1, transpose=True))
+    torch.testing.assert_close(_grouped_channel_mix(pooled, taps, 1, transpose=False),
+                               _grouped_channel_mix(pooled.contiguous(), taps, 1, transpose=False))
+    torch.testing.assert_close(_weight_grad_per_pair(means, pooled, 1),
+                               _weight_grad_per_pair(means.contiguous(), pooled.contiguous(), 1))

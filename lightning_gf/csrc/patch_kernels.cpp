@@ -65,8 +65,10 @@ void advise_huge_pages(const at::Tensor& t) {
 
 // A fresh tensor whose data starts on a 2 MiB boundary, with the huge-page hint: maps
 // from 2 MiB up are then written through a few huge-page faults instead of hundreds of
-// 4 KiB ones. Costs up to 2 MiB of extra (untouched) storage while the tensor lives.
-at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// 4 KiB ones. The huge page that the data ends in is hinted too when the part of it past
+// the data (resident while the tensor lives, never used) is at most `max_waste` bytes;
+// otherwise that tail faults in 4 KiB pages. The slack before the data is never touched.
+at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options, int64_t max_waste) {
   constexpr int64_t kHuge = int64_t(2) << 20;
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
@@ -79,8 +81,10 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& o
   const int64_t offset = static_cast<int64_t>(aligned - start) / item;
   if ((aligned - start) % item != 0) return at::empty(sizes, options);
   at::Tensor out = storage.narrow(0, offset, numel).view(sizes);
-  const char* base = static_cast<const char*>(storage.data_ptr());
-  advise_huge_pages(out.data_ptr(), base + storage.nbytes());  // the map's pages, its last one included
+  const int64_t tail = (numel * item) % kHuge;
+  const bool whole_tail = tail == 0 || kHuge - tail <= max_waste;
+  const char* data = static_cast<const char*>(out.data_ptr());
+  advise_huge_pages(data, data + numel * item + (whole_tail && tail != 0 ? kHuge - tail : 0));
   return out;
 }
 
@@ -322,7 +326,8 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
                         int64_t before_h, int64_t before_w, double scale, at::ScalarType dtype) {
   check_map(low_in, "low");
   const int64_t n = low_in.size(0), c = low_in.size(1), ph = low_in.size(2), pw = low_in.size(3);
-  at::Tensor out = empty_on_huge_pages({n, c, h, w}, low_in.options().dtype(dtype));
+  // g_x lives only until autograd has passed it on: its last huge page whole, however empty
+  at::Tensor out = empty_on_huge_pages({n, c, h, w}, low_in.options().dtype(dtype), /*max_waste=*/int64_t(2) << 20);
   const std::vector<Span> rows = spans(ph, kh, before_h, h), cols = spans(pw, kw, before_w, w);
   const WholeRange whole = whole_patches(pw, kw, before_w, w);
 
@@ -408,8 +413,10 @@ at::Tensor tap_sums(const at::Tensor& weight_in) {
 at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, double scale, at::ScalarType dtype) {
   TORCH_CHECK(pairs_in.device().is_cpu() && pairs_in.dim() == 2, "lightning_gf: pairs must be a 2-D CPU tensor");
   const int64_t taps = kh * kw, pairs = pairs_in.numel();
-  at::Tensor out = at::empty({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype));
-  advise_huge_pages(out);
+  // a weight gradient lives between steps: its last huge page whole only if that adds at most 1/8
+  const int64_t bytes = pairs_in.numel() * kh * kw * static_cast<int64_t>(c10::elementSize(dtype));
+  at::Tensor out = empty_on_huge_pages({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype),
+                                       /*max_waste=*/bytes / 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_tap_broadcast", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor values = pairs_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
