@@ -57,17 +57,22 @@ def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], li
     return _membership_cached(grid_h, grid_w, on_input, like.dtype, like.device)
 
 
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half)."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return a @ b
+    return a @ b
+
+
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half).
+    """``a @ b`` (as :func:`_matmul`), in whichever layout comes faster.
 
     With few columns it is computed as ``(b.T @ a.T).T``: MKL's product with 4-8 output
     columns was 5x slower than the transposed one (measured on CPU)."""
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return _product(a, b)
     if b.shape[1] < FEW_PATCHES:
-        return (b.t() @ a.t()).t()
-    return a @ b
+        return _matmul(b.t(), a.t()).t()
+    return _matmul(a, b)
 
 
 def is_patch_major(t: Tensor) -> bool:
@@ -91,16 +96,16 @@ def pool_small(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool)
     patch-major below ``FEW_PATCHES`` patches, else contiguous (whichever product is faster)."""
     n, c, h, w = t.shape
     member = _membership(grid_h, grid_w, on_input, t)
-    if member.shape[1] >= FEW_PATCHES:
-        return (t.reshape(n * c, h * w) @ member).view(n, c, grid_h.patches, grid_w.patches)
-    return _as_patch_major(_product(member.t(), t.reshape(n * c, h * w).t()), n, c, grid_h, grid_w)
+    if member.shape[1] >= FEW_PATCHES:  # (N*C, H*W) @ (H*W, P) was faster with 16 patches
+        return _matmul(t.reshape(n * c, h * w), member).view(n, c, grid_h.patches, grid_w.patches)
+    return _as_patch_major(_matmul(member.t(), t.reshape(n * c, h * w).t()), n, c, grid_h, grid_w)
 
 
 def means_and_total_small(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
     """Means over the valid cells of each output patch (patch-major), and the per-channel
     sum, in one product."""
     n, c, h, w = grad_out.shape
-    out = _product(_membership(grid_h, grid_w, None, grad_out).t(), grad_out.reshape(n * c, h * w).t())
+    out = _matmul(_membership(grid_h, grid_w, None, grad_out).t(), grad_out.reshape(n * c, h * w).t())
     return _as_patch_major(out[:-1], n, c, grid_h, grid_w), out[-1].view(n, c).sum(0)
 
 
