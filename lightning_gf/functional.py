@@ -290,6 +290,8 @@ def _grouped_channel_mix(t: Tensor, w2d: Tensor, groups: int, *, transpose: bool
         flat = t.transpose(0, 1).reshape(t.shape[1], n * ph * pw)  # few patches: one product for all
         return (mix @ flat).reshape(-1, n, ph, pw).transpose(0, 1)
     if c_in_group == 1 and transpose:  # depthwise / depth multiplier: C_out = m * C_in
+        if c_out_group == 1:  # depthwise: one scale per channel
+            return t * w2d.reshape(1, groups, 1, 1)
         return (t.reshape(n, groups, c_out_group, ph, pw) * w2d.reshape(1, groups, c_out_group, 1, 1)).sum(2)
     w3d = w2d.reshape(groups, c_out_group, c_in_group)
     if transpose:
