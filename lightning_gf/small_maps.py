@@ -4,9 +4,10 @@ A map of at most ``SMALL_MAP`` cells cut into at most ``FEW_PATCHES`` patches (t
 and 14x14 maps of the last stages of most CNNs) is pooled by ``(P, H*W) @ (H*W, N*C)``
 and spread back by ``(N*C, P) @ (P, H*W)``: one call however irregular the grid, which
 was faster on CPU than per-map loops (``docs/benchmarks-history.md``, attempt 4).
-Pooled maps come back *patch-major*: an ``(N, C, P_h, P_w)`` view of storage ordered
-``(P_h, P_w, N, C)``, which the backward's two channel products read as a
-``(P*N, C)`` matrix without a copy (:func:`is_patch_major`).
+With fewer than ``FEW_PATCHES`` patches, pooled maps come back *patch-major*: an
+``(N, C, P_h, P_w)`` view of storage ordered ``(P_h, P_w, N, C)``, which the backward's
+two channel products read as a ``(P*N, C)`` matrix without a copy
+(:func:`is_patch_major`); with 16, the product into ``(N*C, P)`` rows was faster.
 A non-finite value then reaches the other patches of its map as NaN (``0 * inf``),
 where it would stay in its own patch otherwise; the gradient is unusable either way.
 
@@ -102,11 +103,16 @@ def pool_small(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool)
 
 
 def means_and_total_small(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
-    """Means over the valid cells of each output patch (patch-major), and the per-channel
-    sum, in one product."""
+    """Means over the valid cells of each output patch, and the per-channel sum, in one
+    product: patch-major below ``FEW_PATCHES`` columns, else a view of ``(N*C, P+1)`` rows
+    (whichever product is faster)."""
     n, c, h, w = grad_out.shape
-    out = _matmul(_membership(grid_h, grid_w, None, grad_out).t(), grad_out.reshape(n * c, h * w).t())
-    return _as_patch_major(out[:-1], n, c, grid_h, grid_w), out[-1].view(n, c).sum(0)
+    out = _product(grad_out.reshape(n * c, h * w), _membership(grid_h, grid_w, None, grad_out))
+    if out.is_contiguous():
+        means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
+    else:  # the transpose of a (P+1, N*C) matrix
+        means = _as_patch_major(out.t()[:-1], n, c, grid_h, grid_w)
+    return means, out[:, -1].reshape(n, c).sum(0)
 
 
 def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, height: int, width: int) -> Tensor:

@@ -184,7 +184,7 @@ def test_kernels_run_their_loops_on_torchs_threads():
 
 
 def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
-    """Below ``FEW_PATCHES`` patches the pooled sums, and always the ``g_y`` means, are stored
+    """Below ``FEW_PATCHES`` patches the pooled sums and the ``g_y`` means are stored
     (P_h, P_w, N, C): both channel products then take them as one matrix, and give what
     they give on the same values stored contiguous."""
     from lightning_gf import small_maps
