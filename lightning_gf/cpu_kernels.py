@@ -35,7 +35,7 @@ _NAME = "lightning_gf_cpu"
 _SOURCE = Path(__file__).parent / "csrc" / "patch_kernels.cpp"
 # OpenMP as torch's own parallel backend: without it ``at::parallel_for`` in the kernels
 # runs on one thread
-_OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux" else []
+_OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform == "linux" else []
 _FLAGS = ["-O3", "-march=native", *_OPENMP]
 
 _lock = threading.Lock()

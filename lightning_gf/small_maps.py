@@ -2,8 +2,9 @@
 
 A map of at most ``SMALL_MAP`` cells cut into at most ``FEW_PATCHES`` patches (the 7x7
 and 14x14 maps of the last stages of most CNNs) is pooled by ``(N*C, H*W) @ (H*W, P)``
-(or its transpose) and spread back by ``(N*C, P) @ (P, H*W)``: one call however irregular the grid, which
-was faster on CPU than per-map loops (``docs/benchmarks-history.md``, attempt 4).
+(or its transpose) and spread back by ``(N*C, P) @ (P, H*W)``: one call however
+irregular the grid, which was faster on CPU than per-map loops
+(``docs/benchmarks-history.md``, attempt 4).
 With fewer than ``FEW_PATCHES`` patches, pooled maps come back *patch-major*: an
 ``(N, C, P_h, P_w)`` view of storage ordered ``(P_h, P_w, N, C)``, which the backward's
 two channel products read as a ``(P*N, C)`` matrix without a copy
@@ -58,22 +59,17 @@ def _membership(grid_h: AxisGrid, grid_w: AxisGrid, on_input: Optional[bool], li
     return _membership_cached(grid_h, grid_w, on_input, like.dtype, like.device)
 
 
-def _matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half)."""
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return a @ b
-    return a @ b
-
-
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (as :func:`_matmul`), in whichever layout comes faster.
+    """``a @ b`` in the inputs' own dtype, also under autocast (which would cast it to half).
 
     With few columns it is computed as ``(b.T @ a.T).T``: MKL's product with 4-8 output
     columns was 5x slower than the transposed one (measured on CPU)."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return _product(a, b)
     if b.shape[1] < FEW_PATCHES:
-        return _matmul(b.t(), a.t()).t()
-    return _matmul(a, b)
+        return (b.t() @ a.t()).t()
+    return a @ b
 
 
 def is_patch_major(t: Tensor) -> bool:
@@ -87,32 +83,29 @@ def is_patch_major(t: Tensor) -> bool:
     return t.permute(2, 3, 0, 1).is_contiguous()
 
 
-def _as_patch_major(sums: Tensor, n: int, c: int, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
-    """``(P, N*C)`` patch values as an ``(N, C, P_h, P_w)`` view."""
-    return sums.view(grid_h.patches, grid_w.patches, n, c).permute(2, 3, 0, 1)
+def _patch_columns(out: Tensor, n: int, c: int, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
+    """The first ``P`` columns of an ``(N*C, >= P)`` product from :func:`_product`, as an
+    ``(N, C, P_h, P_w)`` view: of its rows, or patch-major where it came back transposed."""
+    patches = grid_h.patches * grid_w.patches
+    if out.is_contiguous():
+        return out[:, :patches].reshape(n, c, grid_h.patches, grid_w.patches)
+    return out.t()[:patches].view(grid_h.patches, grid_w.patches, n, c).permute(2, 3, 0, 1)
 
 
 def pool_small(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
     """Patch sums of ``t`` (N, C, H, W), in ``t``'s dtype, shape ``(N, C, P_h, P_w)``:
-    patch-major below ``FEW_PATCHES`` patches, else contiguous (whichever product is faster)."""
+    patch-major below ``FEW_PATCHES`` patches, else rows (whichever product is faster)."""
     n, c, h, w = t.shape
     member = _membership(grid_h, grid_w, on_input, t)
-    if member.shape[1] >= FEW_PATCHES:  # (N*C, H*W) @ (H*W, P) was faster with 16 patches
-        return _matmul(t.reshape(n * c, h * w), member).view(n, c, grid_h.patches, grid_w.patches)
-    return _as_patch_major(_matmul(member.t(), t.reshape(n * c, h * w).t()), n, c, grid_h, grid_w)
+    return _patch_columns(_product(t.reshape(n * c, h * w), member), n, c, grid_h, grid_w)
 
 
 def means_and_total_small(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
-    """Means over the valid cells of each output patch, and the per-channel sum, in one
-    product: patch-major below ``FEW_PATCHES`` columns, else a view of ``(N*C, P+1)`` rows
-    (whichever product is faster)."""
+    """Means over the valid cells of each output patch (laid out as :func:`pool_small`'s
+    sums, by column count), and the per-channel sum, in one product."""
     n, c, h, w = grad_out.shape
     out = _product(grad_out.reshape(n * c, h * w), _membership(grid_h, grid_w, None, grad_out))
-    if out.is_contiguous():
-        means = out[:, :-1].reshape(n, c, grid_h.patches, grid_w.patches)
-    else:  # the transpose of a (P+1, N*C) matrix
-        means = _as_patch_major(out.t()[:-1], n, c, grid_h, grid_w)
-    return means, out[:, -1].reshape(n, c).sum(0)
+    return _patch_columns(out, n, c, grid_h, grid_w), out[:, -1].reshape(n, c).sum(0)
 
 
 def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, height: int, width: int) -> Tensor:
