@@ -14,12 +14,13 @@ from lightning_gf.functional import _patch_means_and_total, _spread_to_input, _t
 from lightning_gf.patch_grid import AxisGrid
 from tests.conftest import cpu_path_forced
 
-# (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides;
-# then wide maps, whose patch columns are summed eight at a time (AVX2), one whole map
-# width at once when the grid tiles it or row by row around clipped patches, and
-# enough maps to split across threads
+# (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
+# (most of them narrow: a patch row fits in 1 to 4 AVX2 registers, 8 to 32 cells, and
+# is pooled in registers; 20x22 and 28x28 take 3 and 4); then wide maps, whose patch
+# columns are summed eight at a time (AVX2), one whole map width at once when the grid
+# tiles it or row by row around clipped patches, and enough maps to split across threads
 GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9, 11, 4, 2), (2, 3, 7, 5, 2, 3),
-         (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1),
+         (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1), (1, 3, 20, 22, 2, 1), (2, 4, 28, 28, 2, 1),
          (2, 160, 6, 40, 2, 1), (1, 2, 9, 70, 4, 1), (1, 3, 12, 64, 4, 2), (1, 2, 5, 37, 2, 1)]
 
 

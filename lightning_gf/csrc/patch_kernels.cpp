@@ -132,6 +132,8 @@ void spread_columns(const acc_t* __restrict__ values, out_t* __restrict__ line, 
 // Maps of at most this many cells that the grid does not tile exactly are spread by the
 // indexed path (per-row work with clipped patches would dominate there).
 constexpr int64_t kSmallPlane = 1024;
+// Scratch values per patch row that pool_narrow_plane needs: 4 registers and one spill.
+constexpr int64_t kNarrowScratch = 40;
 // How many small maps the indexed path fills side by side.
 constexpr int64_t kPlaneBlock = 16;
 
@@ -224,15 +226,26 @@ acc_t sum_values(const acc_t* __restrict__ values, int64_t n) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
+// The sum of a map's `patches` sums in `out` when `total` (zero otherwise), then each
+// sum times `factor[patch]` when `factor` is given.
+template <typename acc_t>
+acc_t finish_patches(acc_t* __restrict__ out, int64_t patches, const acc_t* factor, bool total) {
+  const acc_t sum = total ? sum_values(out, patches) : acc_t(0);
+  if (factor != nullptr)
+    for (int64_t k = 0; k < patches; ++k) out[k] *= factor[k];
+  return sum;
+}
+
 // The patch sums of one map (h x w, row-major) into `out` (ph x pw), each times
-// `factor[patch]` when `factor` is given; returns the sum of the patch sums. First the
+// `factor[patch]` when `factor` is given; returns the sum of the patch sums when `total`
+// (zero otherwise). First the
 // column sums of every patch row (one sequential read of the map; cells outside the grid
 // are never read), then the columns of each patch: in one call over the whole map when
 // the grid tiles its width. KW > 0: whole patches are KW wide. `scratch` holds ph * w values.
 template <int KW, typename scalar_t, typename acc_t>
 acc_t pool_plane(const scalar_t* __restrict__ map, int64_t w, const std::vector<Span>& rows,
                  const std::vector<Span>& cols, WholeRange whole_cols, int64_t before_w, const acc_t* factor,
-                 acc_t* __restrict__ out, acc_t* __restrict__ scratch) {
+                 bool total, acc_t* __restrict__ out, acc_t* __restrict__ scratch) {
   const int64_t ph = static_cast<int64_t>(rows.size()), pw = static_cast<int64_t>(cols.size());
   for (int64_t p = 0; p < ph; ++p) {
     if (rows[p].end > rows[p].begin)
@@ -257,10 +270,94 @@ acc_t pool_plane(const scalar_t* __restrict__ map, int64_t w, const std::vector<
       }
     }
   }
-  const acc_t total = sum_values(out, ph * pw);
-  if (factor != nullptr)
-    for (int64_t k = 0; k < ph * pw; ++k) out[k] *= factor[k];
-  return total;
+  return finish_patches(out, ph * pw, factor, total);
+}
+
+#if defined(__AVX2__)
+// Maps whose patch rows fit in V registers of 8 float32 lanes (7x7, 14x14, 28x28 maps):
+// each patch row is summed in registers, its lanes shifted so that patches start at
+// multiples of KW, then stored side by side, and one sum_groups pass over the plane's
+// ph * pw * KW values makes its patch sums. Lanes outside the map or the grid are masked
+// to zero. On such maps pool_plane's per-row loops cost 2-3x more (measured).
+template <int V, int KW>
+float pool_narrow_plane(const float* __restrict__ map, int64_t w, int64_t before_w, const std::vector<Span>& rows,
+                        int64_t pw, const __m256i* masks, const float* lo, const float* hi, const float* factor,
+                        bool total, float* __restrict__ out, float* __restrict__ scratch) {
+  const int64_t ph = static_cast<int64_t>(rows.size()), line = pw * KW;
+  for (int64_t p = 0; p < ph; ++p) {
+    __m256 acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+    for (int64_t i = rows[p].begin; i < rows[p].end; ++i) {
+      const float* row = map + i * w - before_w;  // lane t holds cell t - before_w
+      for (int v = 0; v < V; ++v) {
+        const float* at = row + 8 * v;
+        // a plain load and a mask where all 8 lanes lie inside the tensor (a masked load
+        // was the slowest step), a masked load (reads no masked lane) at its two ends
+        const __m256 cells = at >= lo && at + 8 <= hi
+                                 ? _mm256_and_ps(_mm256_loadu_ps(at), _mm256_castsi256_ps(masks[v]))
+                                 : _mm256_maskload_ps(at, masks[v]);
+        acc[v] = _mm256_add_ps(acc[v], cells);
+      }
+    }
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(scratch + p * line + 8 * v, acc[v]);
+  }
+  sum_groups<KW>(scratch, ph * pw, out);
+  return finish_patches(out, ph * pw, factor, total);
+}
+
+// Lane t of register v reads cell 8v + t - before_w: if it lies in the map and among the
+// grid's pw * kw lanes.
+struct NarrowMasks {
+  __m256i lanes[4];
+  NarrowMasks(int64_t w, int64_t before_w, int64_t pw, int64_t kw) {
+    for (int v = 0; v < 4; ++v) {
+      alignas(32) int32_t m[8];
+      for (int t = 0; t < 8; ++t) {
+        const int64_t lane = 8 * v + t, cell = lane - before_w;
+        m[t] = lane < pw * kw && cell >= 0 && cell < w ? -1 : 0;
+      }
+      lanes[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+    }
+  }
+};
+
+// The widest patch row pool_narrow takes: 4 registers.
+constexpr int64_t kNarrowLanes = 32;
+
+// pool_narrow_plane for a float32 plane of a tensor spanning [lo, hi); false (nothing
+// done) where patches are not whole (KW = 0) or a patch row is wider than kNarrowLanes.
+// Other dtypes: always false (the overload below).
+template <int KW>
+bool pool_narrow(const float* map, int64_t w, int64_t before_w, const std::vector<Span>& rows, int64_t pw,
+                 const NarrowMasks& masks, const float* lo, const float* hi, const float* factor, bool want_total,
+                 float* out, float* scratch, float& total) {
+  if constexpr (KW == 0) {
+    return false;
+  } else {
+    const int64_t lanes = pw * KW;
+    if (lanes > kNarrowLanes) return false;
+    const auto run = [&](auto registers) {
+      constexpr int V = decltype(registers)::value;
+      total = pool_narrow_plane<V, KW>(map, w, before_w, rows, pw, masks.lanes, lo, hi, factor, want_total, out,
+                                       scratch);
+    };
+    if (lanes <= 8) run(std::integral_constant<int, 1>{});
+    else if (lanes <= 16) run(std::integral_constant<int, 2>{});
+    else if (lanes <= 24) run(std::integral_constant<int, 3>{});
+    else run(std::integral_constant<int, 4>{});
+    return true;
+  }
+}
+#else
+struct NarrowMasks {
+  NarrowMasks(int64_t, int64_t, int64_t, int64_t) {}
+};
+#endif
+
+template <int KW, typename scalar_t, typename acc_t>
+bool pool_narrow(const scalar_t*, int64_t, int64_t, const std::vector<Span>&, int64_t, const NarrowMasks&,
+                 const scalar_t*, const scalar_t*, const acc_t*, bool, acc_t*, acc_t*, acc_t&) {
+  return false;
 }
 
 // Sum of every patch of the grid; when `mean`, divided by the number of its cells inside
@@ -299,11 +396,18 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
     acc_t* totals = channel_totals ? plane_totals.mutable_data_ptr<acc_t>() : nullptr;
     with_width(kw, [&](auto width) {
       constexpr int KW = decltype(width)::value;
+      const NarrowMasks masks(w, before_w, pw, kw);
+      const scalar_t* end = src + n * c * h * w;
       at::parallel_for(0, n * c, plane_grain(h * w), [&](int64_t first, int64_t last) {
-        std::vector<acc_t> scratch(ph * w);
+        std::vector<acc_t> scratch(ph * std::max<int64_t>(w, kNarrowScratch));
         for (int64_t plane = first; plane < last; ++plane) {
-          const acc_t total = pool_plane<KW>(src + plane * h * w, w, rows, cols, whole_cols, before_w, factor,
-                                             dst + pooled_at(plane), scratch.data());
+          const scalar_t* map = src + plane * h * w;
+          acc_t* out = dst + pooled_at(plane);
+          acc_t total;
+          if (!pool_narrow<KW>(map, w, before_w, rows, pw, masks, src, end, factor, channel_totals, out,
+                               scratch.data(), total))
+            total = pool_plane<KW>(map, w, rows, cols, whole_cols, before_w, factor, channel_totals, out,
+                                   scratch.data());
           if (totals != nullptr) totals[plane] = total;
         }
       });
