@@ -8,7 +8,7 @@ the gradients from the patch means of the output gradient (``shared/method.md``)
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -140,14 +140,14 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     if _use_triton(t):  # no gradient flows through patch sums
         return triton_kernels.patch_pool(t.detach(), size_h, size_w, before_h, before_w, grid_h.patches,
                                          grid_w.patches, mean=False, total=False, out_dtype=target)[0]
+    if _use_kernels(t):  # any map size: one call (small maps in registers, see patch_kernels.cpp)
+        return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
+            t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
+        )[0]
     if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
             memory_format=torch.channels_last):
         sums = small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
         return sums.to(target)
-    if _use_kernels(t):
-        return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
-            t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
-        )[0]
     t = t.to(_accumulation_dtype(t.dtype))
     pads = (before_w, after_w, before_h, after_h)
     if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)
@@ -176,13 +176,13 @@ def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid)
         return triton_kernels.patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
                                          grid_h.patches, grid_w.patches, mean=True, total=True,
                                          out_dtype=pooled_dtype(grad_out))
-    if small_maps.is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
-        return small_maps.means_and_total_small(grad_out.to(_accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
     if _use_kernels(grad_out):
         return torch.ops.lightning_gf_cpu.patch_pool(
             grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
             True, True,
         )
+    if small_maps.is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
+        return small_maps.means_and_total_small(grad_out.to(_accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
     sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
     total = sums.sum((0, 2, 3))
     if grid_h.out_before == grid_h.out_after == grid_w.out_before == grid_w.out_after == 0:
@@ -198,12 +198,12 @@ def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: flo
     if _use_triton(low):
         return triton_kernels.patch_spread(low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before,
                                            grid_w.in_before, scale, dtype, channels_last)
-    if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
-        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()
     if not channels_last and _use_kernels(low):
         return torch.ops.lightning_gf_cpu.patch_spread(
             low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype
         )
+    if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
+        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()
     if scale != 1:
         low = low * scale
     grad_x = _upsample_to_input(low, grid_h, grid_w).to(dtype)
@@ -406,17 +406,49 @@ def _call_stats(
     )
 
 
-def _output_size(
-    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: list[int], padding_str: str, dilation: tuple[int, int]
-) -> tuple[int, int]:
-    """The conv's output map size, without running it ('same' needs stride 1)."""
-    if padding_str == "same":
-        return x.shape[2], x.shape[3]
-    h, w = (
-        (x.shape[2 + a] + 2 * padding[a] - dilation[a] * (weight.shape[2 + a] - 1) - 1) // stride[a] + 1
-        for a in range(2)
-    )
-    return h, w
+class _Geometry(NamedTuple):
+    """A filtered conv's arguments, checked and normalised, and its patch grids."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    padding_str: str  # "same" / "valid", or "" for numeric padding
+    dilation: tuple[int, int]
+    grid_h: AxisGrid
+    grid_w: AxisGrid
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: Any, padding: Any, dilation: Any,
+                     r: int) -> _Geometry:
+    stride_pair = _pair(stride, "stride")
+    dilation_pair = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        padding_pair, padding_str = (0, 0), padding
+    else:
+        padding_pair, padding_str = _pair_or_zero(padding), ""
+    if padding_str == "same":  # the output map keeps the input's size ('same' needs stride 1)
+        out_size = (in_size[0], in_size[1])
+    else:
+        out_size = tuple(
+            (in_size[a] + 2 * padding_pair[a] - dilation_pair[a] * (kernel[a] - 1) - 1) // stride_pair[a] + 1
+            for a in range(2)
+        )
+    grid_h = AxisGrid.build(in_size[0], out_size[0], r, stride_pair[0])
+    grid_w = AxisGrid.build(in_size[1], out_size[1], r, stride_pair[1])
+    return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w)
+
+
+def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
+    """The conv's arguments checked and its patch grids, computed once per input size and
+    settings: a cache lookup costs less than the checks, on every call."""
+    args = (x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding), _hashable(dilation), r)
+    if torch.compiler.is_compiling():
+        return _geometry_cached.__wrapped__(*args)
+    return _geometry_cached(*args)
 
 
 def _plain_call_stats(x: Tensor, weight: Tensor, y: Tensor) -> FilterStats:
@@ -598,33 +630,25 @@ def filtered_conv2d(
         raise ValueError(f"r must be an int >= 1, got {r!r}")
     if input.dim() != 4:
         raise ValueError(f"filtered_conv2d takes a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
-    stride_pair = _pair(stride, "stride")
-    dilation_pair = _pair(dilation, "dilation")
+    geometry = _geometry(input, weight, stride, padding, dilation, r)
     if r == 1:
-        out = F.conv2d(input, weight, bias, stride_pair, padding, dilation_pair, groups)
+        out = F.conv2d(input, weight, bias, geometry.stride, padding, geometry.dilation, groups)
         if _stats is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             call = _plain_call_stats(input, weight, out)
             if weight.requires_grad and not _first_read(input):  # kept once for every reader
                 call.kept_bytes = call.vanilla_bytes = 0
             _stats.add(call)
         return out
-    if isinstance(padding, str):
-        padding_list, padding_str = [0, 0], padding
-    else:
-        padding_list, padding_str = list(_pair_or_zero(padding)), ""
     grad_on = torch.is_grad_enabled()
     need_w = grad_on and weight.requires_grad
-    out_h, out_w = _output_size(input, weight, stride_pair, padding_list, padding_str, dilation_pair)
-    grid_h = AxisGrid.build(input.shape[2], out_h, r, stride_pair[0])
-    grid_w = AxisGrid.build(input.shape[3], out_w, r, stride_pair[1])
+    grid_h, grid_w = geometry.grid_h, geometry.grid_w
     pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
     x, w, b = _autocast_inputs(input, weight, bias)
     conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
-    y = conv(
-        x, w, b, pooled, list(stride_pair), padding_list, padding_str, list(dilation_pair), groups, r, stride_correction
-    )
+    y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
+             list(geometry.dilation), groups, r, stride_correction)
     if _stats is not None and not torch.compiler.is_compiling():
-        call = _call_stats(input, weight, y, pooled, grid_h, grid_w, dilation_pair, r,
+        call = _call_stats(input, weight, y, pooled, grid_h, grid_w, geometry.dilation, r,
                            (grad_on and input.requires_grad, need_w))
         if not first_use:  # another filtered conv already keeps (and counted) these sums
             call.kept_bytes = 0
