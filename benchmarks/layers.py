@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.steady_malloc import keep_freed_memory
 from benchmarks.timing import cuda_graph_ms, cuda_median_ms, geomean, median_ms
 from lightning_gf import cpu_kernels
 from lightning_gf.functional import filtered_conv2d
@@ -166,7 +165,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write rows as JSON here")
     parser.add_argument("--plain", action="store_true", help="without the compiled CPU kernels (plain PyTorch path)")
     args = parser.parse_args()
-    keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.plain:
         cpu_kernels.set_enabled(False)

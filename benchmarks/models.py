@@ -24,7 +24,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.steady_malloc import keep_freed_memory
 from benchmarks.timing import median_ms
 from lightning_gf import apply_gradient_filter
 from lightning_gf.saved_tensors import SavedTensorMeter
@@ -161,7 +160,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    keep_freed_memory()
     torch.set_num_threads(args.threads)
     rows = run(quick=args.quick)
     if args.out:

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_docs, layers, models
-from benchmarks.steady_malloc import keep_freed_memory
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BUDGET_MIB = 1024
@@ -36,14 +35,6 @@ def _env() -> str:
         pass
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-
-
-def _malloc_line(steady: bool) -> str:
-    if not steady:
-        return "glibc's malloc kept its default thresholds (freed buffers go back to the OS)."
-    return ("glibc's malloc keeps freed buffers up to 32 MiB for reuse, for both contenders "
-            "([steady_malloc.py](../benchmarks/steady_malloc.py)): with its default moving threshold, "
-            "page faults on fresh buffers decided the small layers' times from one run to the next.")
 
 
 def _layer_table(rows: list[dict]) -> str:
@@ -126,7 +117,7 @@ def _gpu_line(docs: Path) -> str:
     return gpu_docs.LINK_LINE if (docs / "gpu-results.json").exists() else gpu_docs.NO_RESULTS_LINE
 
 
-def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path, steady_malloc: bool) -> None:
+def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> None:
     summary = layers.summary(layer_rows)
     plots = _plots(layer_rows, model_rows, docs / "img")
     paper = "\n".join(
@@ -137,7 +128,6 @@ def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path, stead
 
 Measured by `make bench` (`.venv/bin/python -m benchmarks.run_all`) on {_env()}.
 Every ratio compares two contenders timed in turn in the same run (median of repeats).
-{_malloc_line(steady_malloc)}
 Raw rows: [bench-results.json](bench-results.json). Earlier attempts and what limits the
 speed: [benchmarks-history.md](benchmarks-history.md).
 
@@ -193,7 +183,6 @@ def main() -> None:
     parser.add_argument("--docs", default=str(DOCS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steady_malloc = keep_freed_memory()
     print("per-layer benchmark", flush=True)
     layer_rows = layers.run(quick=args.quick)
     print("model benchmark", flush=True)
@@ -201,7 +190,7 @@ def main() -> None:
     if args.quick:
         print(json.dumps(layers.summary(layer_rows), indent=1))
         return
-    write_docs(layer_rows, model_rows, Path(args.docs), steady_malloc)
+    write_docs(layer_rows, model_rows, Path(args.docs))
     print(f"wrote {args.docs}/benchmarks.md")
     gpu_results = Path(args.docs) / "gpu-results.json"
     if gpu_results.exists():
