@@ -298,20 +298,22 @@ float pool_narrow_plane(const float* __restrict__ map, int64_t w, int64_t before
                         int64_t pw, const __m256i* masks, const float* lo, const float* hi, const float* factor,
                         bool total, float* __restrict__ out, float* __restrict__ scratch) {
   const int64_t ph = static_cast<int64_t>(rows.size()), line = pw * KW;
+  // lane t of register v holds cell 8v + t - before_w of a row; where every lane the
+  // plane's rows read lies inside the tensor (all planes but those at its two ends), plain
+  // loads, and the lanes outside the map or the grid zeroed once per patch row (a masked
+  // load per row was the slowest step); at the ends, masked loads (they read no masked lane)
+  const bool inside = map - before_w >= lo && map + (ph > 0 ? rows[ph - 1].end : 0) * w - before_w + 8 * V <= hi;
   for (int64_t p = 0; p < ph; ++p) {
     __m256 acc[V];
     for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-    for (int64_t i = rows[p].begin; i < rows[p].end; ++i) {
-      const float* row = map + i * w - before_w;  // lane t holds cell t - before_w
-      for (int v = 0; v < V; ++v) {
-        const float* at = row + 8 * v;
-        // a plain load and a mask where all 8 lanes lie inside the tensor (a masked load
-        // was the slowest step), a masked load (reads no masked lane) at its two ends
-        const __m256 cells = at >= lo && at + 8 <= hi
-                                 ? _mm256_and_ps(_mm256_loadu_ps(at), _mm256_castsi256_ps(masks[v]))
-                                 : _mm256_maskload_ps(at, masks[v]);
-        acc[v] = _mm256_add_ps(acc[v], cells);
-      }
+    if (inside) {
+      for (int64_t i = rows[p].begin; i < rows[p].end; ++i)
+        for (int v = 0; v < V; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(map + i * w - before_w + 8 * v));
+      for (int v = 0; v < V; ++v) acc[v] = _mm256_and_ps(acc[v], _mm256_castsi256_ps(masks[v]));
+    } else {
+      for (int64_t i = rows[p].begin; i < rows[p].end; ++i)
+        for (int v = 0; v < V; ++v)
+          acc[v] = _mm256_add_ps(acc[v], _mm256_maskload_ps(map + i * w - before_w + 8 * v, masks[v]));
     }
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(scratch + p * line + 8 * v, acc[v]);
   }
