@@ -1,10 +1,12 @@
 """Pooling and spreading small maps by one matrix product with a 0/1 cell-to-patch matrix.
 
-A map of at most ``SMALL_MAP`` cells cut into at most ``FEW_PATCHES`` patches (the 7x7
-and 14x14 maps of the last stages of most CNNs) is pooled by ``(N*C, H*W) @ (H*W, P)``
-(or its transpose) and spread back by ``(N*C, P) @ (P, H*W)``: one call however
-irregular the grid, which was faster on CPU than per-map loops
-(``docs/benchmarks-history.md``, attempt 4).
+Where the compiled CPU kernels are not in use (the plain PyTorch path, and while
+``torch.compile`` traces), a map of at most ``SMALL_MAP`` cells cut into at most
+``FEW_PATCHES`` patches (the 7x7 and 14x14 maps of the last stages of most CNNs) is
+pooled by ``(N*C, H*W) @ (H*W, P)`` (or its transpose) and spread back by
+``(N*C, P) @ (P, H*W)``: one call however irregular the grid, which was faster on CPU
+than per-map loops in PyTorch (``docs/benchmarks-history.md``, attempt 4). The compiled
+kernels pool such maps in registers instead (attempt 6).
 With fewer than ``FEW_PATCHES`` patches, pooled maps come back *patch-major*: an
 ``(N, C, P_h, P_w)`` view of storage ordered ``(P_h, P_w, N, C)``, which the backward's
 two channel products read as a ``(P*N, C)`` matrix without a copy
