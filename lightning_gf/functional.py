@@ -42,14 +42,14 @@ _NO_DOUBLE_BACKWARD = (
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
 def _pair_or_zero(value: IntPair) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
         raise ValueError(f"padding must be 'same', 'valid', a non-negative int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
@@ -445,10 +445,13 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
 def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
     """The conv's arguments checked and its patch grids, computed once per input size and
     settings: a cache lookup costs less than the checks, on every call."""
-    args = (x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding), _hashable(dilation), r)
     if torch.compiler.is_compiling():
-        return _geometry_cached.__wrapped__(*args)
-    return _geometry_cached(*args)
+        return _geometry_cached.__wrapped__(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
+    try:
+        return _geometry_cached(x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding),
+                                _hashable(dilation), r)
+    except TypeError:  # an unhashable argument: checked without the cache, which says what is wrong
+        return _geometry_cached.__wrapped__(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
 
 
 def _plain_call_stats(x: Tensor, weight: Tensor, y: Tensor) -> FilterStats:

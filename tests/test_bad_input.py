@@ -91,3 +91,33 @@ def test_not_a_module():
 def test_callback_checks_its_arguments_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientFilterCallback(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stride=0), r"stride must be a positive int or a pair of them, got 0"),
+    (dict(stride=(1, 2, 3)), r"stride must be .* got \(1, 2, 3\)"),
+    (dict(stride=[[1], 1]), r"stride must be .* got \[\[1\], 1\]"),  # unhashable: checked without the cache
+    (dict(dilation=1.5), r"dilation must be a positive int"),
+    (dict(padding=-1), r"padding must be 'same', 'valid', a non-negative int or a pair of them, got -1"),
+    (dict(padding={"h": 1}), r"padding must be .* got \{'h': 1\}"),
+])
+def test_filtered_conv2d_checks_its_conv_arguments(kwargs, match):
+    from lightning_gf.functional import filtered_conv2d
+
+    x, w = torch.randn(1, 2, 8, 8, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)
+    for _ in range(2):  # the second call is not answered from the cache of good arguments
+        with pytest.raises(ValueError, match=match):
+            filtered_conv2d(x, w, **kwargs, r=2)
+
+
+def test_filtered_conv2d_takes_lists_as_tuples():
+    from lightning_gf.functional import filtered_conv2d
+
+    x, w = torch.randn(1, 2, 9, 9, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)
+    y_list = filtered_conv2d(x, w, stride=[2, 1], padding=[1, 0], dilation=[1, 2], r=2)
+    y_tuple = filtered_conv2d(x, w, stride=(2, 1), padding=(1, 0), dilation=(1, 2), r=2)
+    assert torch.equal(y_list, torch.nn.functional.conv2d(x, w, stride=(2, 1), padding=(1, 0), dilation=(1, 2)))
+    assert torch.equal(y_list, y_tuple)
+    gl = torch.autograd.grad(y_list.sum(), (x, w))
+    gt = torch.autograd.grad(y_tuple.sum(), (x, w))
+    assert all(torch.equal(a, b) for a, b in zip(gl, gt))

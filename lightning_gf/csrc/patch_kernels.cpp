@@ -252,10 +252,10 @@ acc_t finish_patches(acc_t* __restrict__ out, int64_t patches, const acc_t* fact
 
 // The patch sums of one map (h x w, row-major) into `out` (ph x pw), each times
 // `factor[patch]` when `factor` is given; returns the sum of the patch sums when `total`
-// (zero otherwise). First the
-// column sums of every patch row (one sequential read of the map; cells outside the grid
-// are never read), then the columns of each patch: in one call over the whole map when
-// the grid tiles its width. KW > 0: whole patches are KW wide. `scratch` holds ph * w values.
+// (zero otherwise). First the column sums of every patch row (one sequential read of the
+// map; cells outside the grid are never read), then the columns of each patch: in one
+// call over the whole map when the grid tiles its width. KW > 0: whole patches are KW
+// wide. `scratch` holds ph * w values.
 template <int KW, typename scalar_t, typename acc_t>
 acc_t pool_plane(const scalar_t* __restrict__ map, int64_t w, const std::vector<Span>& rows,
                  const std::vector<Span>& cols, WholeRange whole_cols, int64_t before_w, const acc_t* factor,
@@ -468,9 +468,10 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
         for (int64_t block = first; block < last; block += kPlaneBlock) {
           const int64_t planes = std::min(kPlaneBlock, last - block);
           PlaneIndex at(block, c);
-          for (int64_t b = 0; b < planes; ++b, at.next())
-            for (int64_t k = 0; k < ph * pw; ++k)
-              value[b * slots + k] = static_cast<scalar_t>(src[at.image * stride_n + at.channel * stride_c + k] * factor);
+          for (int64_t b = 0; b < planes; ++b, at.next()) {
+            const acc_t* patches = src + at.image * stride_n + at.channel * stride_c;
+            for (int64_t k = 0; k < ph * pw; ++k) value[b * slots + k] = static_cast<scalar_t>(patches[k] * factor);
+          }
           scalar_t* maps = dst + block * h * w;
           for (int64_t e = 0; e < h * w; ++e) {
             const scalar_t* slot = value.data() + patch_of[e];
