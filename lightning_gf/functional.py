@@ -445,13 +445,13 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
 def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
     """The conv's arguments checked and its patch grids, computed once per input size and
     settings: a cache lookup costs less than the checks, on every call."""
-    if torch.compiler.is_compiling():
-        return _geometry_cached.__wrapped__(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
-    try:
-        return _geometry_cached(x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding),
-                                _hashable(dilation), r)
-    except TypeError:  # an unhashable argument: checked without the cache, which says what is wrong
-        return _geometry_cached.__wrapped__(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
+    if not torch.compiler.is_compiling():
+        try:
+            return _geometry_cached(x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding),
+                                    _hashable(dilation), r)
+        except TypeError:  # an unhashable argument: checked below without the cache, which says what is wrong
+            pass
+    return _geometry_cached.__wrapped__(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
 
 
 def _plain_call_stats(x: Tensor, weight: Tensor, y: Tensor) -> FilterStats:
