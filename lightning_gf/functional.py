@@ -486,6 +486,21 @@ def _(x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r
     return F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
 
 
+def _fused_backward_takes(grad_out: Tensor, weight: Tensor, channels_last: bool, dilation: list[int], groups: int,
+                          r: int) -> bool:
+    """Whether one compiled call does the whole backward: an NCHW ``g_y`` the kernels take, taps
+    that collapse on both axes, a dense or depthwise conv (the steps below, without Python
+    between them: a tenth of a small map's backward)."""
+    return (
+        not channels_last
+        and dilation[0] < r
+        and dilation[1] < r
+        and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
+        and grad_out.is_contiguous()
+        and _use_kernels(grad_out)
+    )
+
+
 def _filtered_backward(
     grad_out: Tensor,
     pooled: Optional[Tensor],
@@ -505,6 +520,13 @@ def _filtered_backward(
     """``(g_x, g_w, g_b)`` of the filtered conv; an empty tensor for each one not needed."""
     grid_h = AxisGrid.build(x_size[2], grad_out.shape[2], r, stride[0])
     grid_w = AxisGrid.build(x_size[3], grad_out.shape[3], r, stride[1])
+    if _fused_backward_takes(grad_out, weight, channels_last, dilation, groups, r):
+        grid = [grid_h.r, grid_h.out_before, grid_h.patches, grid_h.in_patch, grid_h.in_before,
+                grid_w.r, grid_w.out_before, grid_w.patches, grid_w.in_patch, grid_w.in_before]
+        return torch.ops.lightning_gf_cpu.filtered_backward(
+            grad_out, pooled, weight, grid, x_size[2], x_size[3], groups, 1.0 / stride_scale, x_dtype,
+            need_x, need_w, need_b,
+        )
     gbar, total = _patch_means_and_total(grad_out, grid_h, grid_w)
     grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
     if need_x:

@@ -207,3 +207,53 @@ def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
                                _grouped_channel_mix(pooled.contiguous(), taps, 1, transpose=False))
     torch.testing.assert_close(_weight_grad_per_pair(means, pooled, 1),
                                _weight_grad_per_pair(means.contiguous(), pooled.contiguous(), 1))
+
+
+# (N, C_in, C_out, H, W, k, stride, padding, groups, r): dense, depthwise, 1x1, strided, overhanging grids
+FUSED_CASES = [(2, 3, 5, 8, 8, 3, 1, 1, 1, 2), (2, 4, 4, 9, 7, 3, 1, 1, 4, 2), (1, 6, 4, 10, 11, 1, 1, 0, 1, 4),
+               (2, 3, 4, 9, 8, 3, 2, 1, 1, 2), (1, 2, 3, 3, 3, 3, 1, 1, 1, 4), (2, 5, 5, 14, 14, 3, 2, 1, 5, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_backward_matches_the_steps(case, needs, dtype, monkeypatch):
+    """The whole backward in one compiled call (dense and depthwise convs) against the same
+    steps called one by one from Python; only the gradients asked for come back."""
+    from lightning_gf import functional
+
+    n, c_in, c_out, h, w, k, stride, padding, groups, r = case
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c_in, h, w, generator=g).to(dtype)
+    weight = torch.randn(c_out, c_in // groups, k, k, generator=g).to(dtype)
+    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    gy = torch.randn(n, c_out, out_h, out_w, generator=g).to(dtype)
+    grid_h, grid_w = AxisGrid.build(h, out_h, r, stride), AxisGrid.build(w, out_w, r, stride)
+    pooled = pool_patches(x, grid_h, grid_w, on_input=True)
+    args = (gy, pooled, weight, list(x.shape), dtype, False, [stride, stride], [1, 1], groups, r, stride * stride, *needs)
+    assert functional._fused_backward_takes(gy, weight, False, [1, 1], groups, r)
+    fused = functional._filtered_backward(*args)
+    monkeypatch.setattr(functional, "_fused_backward_takes", lambda *a: False)
+    steps = functional._filtered_backward(*args)
+    for got, want, needed in zip(fused, steps, needs):
+        if not needed:
+            assert got.numel() == 0
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_fused_backward_leaves_other_convs_to_the_steps():
+    """Grouped (not depthwise) convs, atrous taps, channels-last and strided views of ``g_y``
+    take the step-by-step path."""
+    from lightning_gf.functional import _fused_backward_takes
+
+    gy, dense, grouped = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 3, 3), torch.randn(4, 2, 3, 3)
+    assert _fused_backward_takes(gy, dense, False, [1, 1], 1, 2)
+    assert not _fused_backward_takes(gy, grouped, False, [1, 1], 2, 2)  # 2 groups of 2 channels
+    assert not _fused_backward_takes(gy, dense, False, [2, 1], 1, 2)  # dilation >= r: taps kept on that axis
+    assert not _fused_backward_takes(gy, dense, True, [1, 1], 1, 2)  # channels-last input
+    assert not _fused_backward_takes(gy[:, :, ::2], dense, False, [1, 1], 1, 2)
+    with cpu_path_forced("plain"):
+        assert not _fused_backward_takes(gy, dense, False, [1, 1], 1, 2)

@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -563,6 +565,58 @@ at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, dou
   return out;
 }
 
+// The filter's whole backward where its kernel taps collapse into their sum on both axes
+// (dilation < r) and it is dense (groups = 1) or depthwise: the steps above and the two
+// matrix products in one call, without a trip through Python between them. `grid` holds,
+// per axis (h then w): r, the output padding before the grid, the patch count, the input
+// patch size and the input padding before the grid. `pooled` is the patch sums of the
+// input (channel-major, as patch_pool makes them). Returns (g_x, g_w, g_b), an empty
+// tensor for each one not needed; `scale` multiplies g_x and g_w (strided convs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& pooled, const at::Tensor& weight,
+    at::IntArrayRef grid, int64_t in_h, int64_t in_w, int64_t groups, double scale, at::ScalarType x_dtype,
+    bool need_x, bool need_w, bool need_b) {
+  TORCH_CHECK(grid.size() == 10, "lightning_gf: grid takes 5 numbers per axis");
+  const int64_t n = grad_out.size(0), c_out = grad_out.size(1), c_in_group = weight.size(1);
+  const bool depthwise = groups == c_out && c_in_group == 1;
+  TORCH_CHECK(groups == 1 || depthwise, "lightning_gf: filtered_backward takes dense or depthwise convs");
+  const int64_t ph = grid[2], pw = grid[7];
+  auto [gbar, total] = patch_pool(grad_out, grid[0], grid[5], grid[1], grid[6], ph, pw, /*mean=*/true, need_b);
+  at::Tensor grad_x = grad_out.new_empty({0}, grad_out.options().dtype(x_dtype));
+  at::Tensor grad_w = weight.new_empty({0});
+  at::Tensor grad_b = weight.new_empty({0});
+  // gbar is a (N, C_out, ph, pw) view of (C_out, N, ph, pw): read as a (C_out, N*ph*pw) matrix
+  const at::Tensor g_matrix = gbar.transpose(0, 1).reshape({c_out, -1});
+  if (need_x) {
+    const at::Tensor w = weight.to(gbar.scalar_type());
+    const bool one_tap = w.size(2) * w.size(3) == 1;
+    const at::Tensor taps = one_tap ? w.reshape({c_out, c_in_group}) : tap_sums(w);  // (C_out, C_in/groups)
+    at::Tensor low;
+    if (depthwise) {
+      low = gbar * taps.reshape({1, c_out, 1, 1});
+    } else {
+      const int64_t c_in = c_in_group;
+      low = at::mm(taps.t(), g_matrix).view({c_in, n, ph, pw}).permute({1, 0, 2, 3});
+    }
+    grad_x = patch_spread(low, in_h, in_w, grid[3], grid[8], grid[4], grid[9], scale, x_dtype);
+  }
+  if (need_w) {
+    TORCH_CHECK(pooled.has_value(), "lightning_gf: the pooled input is needed for the weight gradient");
+    const auto common = at::promote_types(gbar.scalar_type(), pooled->scalar_type());
+    const at::Tensor xs = pooled->to(common);
+    at::Tensor per_pair;
+    if (depthwise) {
+      per_pair = (gbar.to(common) * xs).sum({0, 2, 3}).reshape({c_out, 1});
+    } else {
+      const at::Tensor x_matrix = xs.transpose(0, 1).reshape({xs.size(1), -1});
+      per_pair = at::mm(g_matrix.to(common), x_matrix.t());
+    }
+    grad_w = tap_broadcast(per_pair, weight.size(2), weight.size(3), scale, weight.scalar_type());
+  }
+  if (need_b) grad_b = total.to(weight.scalar_type());
+  return {grad_x, grad_w, grad_b};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lightning_gf_cpu, m) {
@@ -572,6 +626,9 @@ TORCH_LIBRARY(lightning_gf_cpu, m) {
         "bool channel_totals) -> (Tensor, Tensor)");
   m.def("patch_spread(Tensor low, int h, int w, int kh, int kw, int before_h, int before_w, float scale, "
         "ScalarType dtype) -> Tensor");
+  m.def("filtered_backward(Tensor grad_out, Tensor? pooled, Tensor weight, int[] grid, int in_h, int in_w, "
+        "int groups, float scale, ScalarType x_dtype, bool need_x, bool need_w, bool need_b) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightning_gf_cpu, CPU, m) {
@@ -579,6 +636,7 @@ TORCH_LIBRARY_IMPL(lightning_gf_cpu, CPU, m) {
   m.impl("patch_spread", &patch_spread);
   m.impl("tap_sums", &tap_sums);
   m.impl("tap_broadcast", &tap_broadcast);
+  m.impl("filtered_backward", &filtered_backward);
 }
 
 }  // namespace lightning_gf
