@@ -65,13 +65,13 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _use_kernels(t: Tensor) -> bool:
     """Whether the compiled CPU kernels take ``t``: a plain CPU tensor, outside tracing, stored
     contiguous, channel-major (what they make) or patch-major (what small maps make)."""
-    return (
-        t.device.type == "cpu"
+    return (  # the cheapest checks first: this runs several times per call
+        type(t) is Tensor
+        and t.is_cpu
         and t.dtype in _KERNEL_DTYPES
-        and type(t) is Tensor
+        and cpu_kernels.available()
         and (t.is_contiguous() or _channel_major(t) or small_maps.is_patch_major(t))
         and not torch.compiler.is_compiling()
-        and cpu_kernels.available()
     )
 
 
@@ -136,14 +136,14 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
-    target = pooled_dtype(t)
-    if _use_triton(t):  # no gradient flows through patch sums
-        return triton_kernels.patch_pool(t.detach(), size_h, size_w, before_h, before_w, grid_h.patches,
-                                         grid_w.patches, mean=False, total=False, out_dtype=target)[0]
     if _use_kernels(t):  # any map size: one call (small maps in registers, see patch_kernels.cpp)
         return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
             t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
         )[0]
+    target = pooled_dtype(t)
+    if _use_triton(t):  # no gradient flows through patch sums
+        return triton_kernels.patch_pool(t.detach(), size_h, size_w, before_h, before_w, grid_h.patches,
+                                         grid_w.patches, mean=False, total=False, out_dtype=target)[0]
     if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
             memory_format=torch.channels_last):
         sums = small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
@@ -606,8 +606,14 @@ class _FilteredConv2dFunction(torch.autograd.Function):
         return _backward_with(_filtered_backward, ctx, grad_out)
 
 
+# one call that says whether autocast is on for any device (a fifth of the per-device check's cost)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Cast as autocast casts ``conv2d``'s inputs (custom ops are not autocast by themselves)."""
+    if not _any_autocast():
+        return x, weight, bias
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return x, weight, bias
