@@ -508,23 +508,60 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
   return out;
 }
 
+// One pass over the kernels of a weight (`pairs` kernels of `taps` taps, contiguous): when
+// `sums` is given, each kernel's taps are summed into it; when `grad` is given, each of its
+// kernels is filled with values[k] * factor (the filter's weight gradient). Both in one
+// pass where both are asked for: reading the weight and writing its gradient side by side
+// costs about half of two passes (1.3 against 1.7 ms for 512x512x3x3, 0.16 against 0.29
+// for 256x256x3x3).
+template <typename in_t, typename sum_t, typename acc_t, typename out_t>
+void weight_pass(int64_t pairs, int64_t taps, const in_t* weight, sum_t* sums, const acc_t* values, acc_t factor,
+                 out_t* grad) {
+  const auto run = [&](auto fixed) {  // fixed > 0: the tap count known at compile time
+    constexpr int kTaps = decltype(fixed)::value;
+    const int64_t n_taps = kTaps > 0 ? kTaps : taps;
+    at::parallel_for(0, pairs, plane_grain(n_taps), [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        if (sums != nullptr) {
+          const in_t* __restrict__ w = weight + k * n_taps;
+          acc_t s = 0;
+          for (int64_t t = 0; t < n_taps; ++t) s += static_cast<acc_t>(w[t]);
+          sums[k] = static_cast<sum_t>(s);
+        }
+        if (grad != nullptr) {
+          const out_t v = static_cast<out_t>(values[k] * factor);
+          out_t* __restrict__ d = grad + k * n_taps;
+          for (int64_t t = 0; t < n_taps; ++t) d[t] = v;
+        }
+      }
+    });
+  };
+  switch (taps) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 9: run(std::integral_constant<int, 9>{}); break;
+    case 25: run(std::integral_constant<int, 25>{}); break;
+    default: run(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// A weight gradient of `sizes` and dtype `dtype`, on huge pages: it lives between steps, so
+// its last huge page is taken whole only if that adds at most 1/8.
+at::Tensor empty_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t bytes = static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  for (int64_t s : sizes) bytes *= s;
+  return empty_on_huge_pages(sizes, options, /*max_waste=*/bytes / 8);
+}
+
 // (C_out, C_in/groups): the sum of each kernel's taps (the filter's low-resolution weight).
 at::Tensor tap_sums(const at::Tensor& weight_in) {
   TORCH_CHECK(weight_in.device().is_cpu() && weight_in.dim() == 4, "lightning_gf: weight must be a 4-D CPU tensor");
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t pairs = weight.size(0) * weight.size(1), taps = weight.size(2) * weight.size(3);
   at::Tensor out = at::empty({weight.size(0), weight.size(1)}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lightning_gf_tap_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = weight.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k) {
-        acc_t s = 0;
-        for (int64_t t = 0; t < taps; ++t) s += static_cast<acc_t>(src[k * taps + t]);
-        dst[k] = static_cast<scalar_t>(s);
-      }
-    });
+    weight_pass<scalar_t, scalar_t, acc_t, scalar_t>(out.numel(), weight.size(2) * weight.size(3),
+                                                     weight.const_data_ptr<scalar_t>(),
+                                                     out.mutable_data_ptr<scalar_t>(), nullptr, acc_t(0), nullptr);
   });
   return out;
 }
@@ -533,36 +570,36 @@ at::Tensor tap_sums(const at::Tensor& weight_in) {
 // times `scale` (the filter's weight gradient: one value shared by every tap).
 at::Tensor tap_broadcast(const at::Tensor& pairs_in, int64_t kh, int64_t kw, double scale, at::ScalarType dtype) {
   TORCH_CHECK(pairs_in.device().is_cpu() && pairs_in.dim() == 2, "lightning_gf: pairs must be a 2-D CPU tensor");
-  const int64_t taps = kh * kw, pairs = pairs_in.numel();
-  // a weight gradient lives between steps: its last huge page whole only if that adds at most 1/8
-  const int64_t bytes = pairs_in.numel() * kh * kw * static_cast<int64_t>(c10::elementSize(dtype));
-  at::Tensor out = empty_on_huge_pages({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype),
-                                       /*max_waste=*/bytes / 8);
+  at::Tensor out = empty_weight_grad({pairs_in.size(0), pairs_in.size(1), kh, kw}, pairs_in.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lightning_gf_tap_broadcast", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor values = pairs_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* src = values.const_data_ptr<acc_t>();
-    const acc_t factor = static_cast<acc_t>(scale);
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const auto fill = [&](auto fixed) {  // fixed > 0: the tap count known at compile time
-      constexpr int kTaps = decltype(fixed)::value;
-      const int64_t n_taps = kTaps > 0 ? kTaps : taps;
-      at::parallel_for(0, pairs, plane_grain(taps), [&](int64_t first, int64_t last) {
-        for (int64_t k = first; k < last; ++k) {
-          const scalar_t v = static_cast<scalar_t>(src[k] * factor);
-          scalar_t* __restrict__ d = dst + k * n_taps;
-          for (int64_t t = 0; t < n_taps; ++t) d[t] = v;
-        }
-      });
-    };
-    switch (taps) {
-      case 1: fill(std::integral_constant<int, 1>{}); break;
-      case 9: fill(std::integral_constant<int, 9>{}); break;
-      case 25: fill(std::integral_constant<int, 25>{}); break;
-      default: fill(std::integral_constant<int, 0>{}); break;
-    }
+    weight_pass<scalar_t, scalar_t, acc_t, scalar_t>(values.numel(), kh * kw, nullptr, nullptr,
+                                                     values.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
+                                                     out.mutable_data_ptr<scalar_t>());
   });
   return out;
+}
+
+// Both of the above in one pass over weight-sized memory: the tap sums of `weight` in its
+// accumulation dtype (float32 for half types), and its gradient, `pairs` times `scale`
+// broadcast over the taps, in its own dtype.
+std::tuple<at::Tensor, at::Tensor> tap_sums_and_broadcast(const at::Tensor& weight_in, const at::Tensor& pairs_in,
+                                                          double scale) {
+  const at::Tensor weight = weight_in.contiguous();
+  at::Tensor grad = empty_weight_grad(weight.sizes(), weight.options());
+  at::Tensor sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lightning_gf_tap_pass", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    sums = at::empty({weight.size(0), weight.size(1)}, weight.options().dtype(acc_type));
+    const at::Tensor values = pairs_in.to(acc_type).contiguous();
+    weight_pass<scalar_t, acc_t, acc_t, scalar_t>(sums.numel(), weight.size(2) * weight.size(3),
+                                                  weight.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<acc_t>(),
+                                                  values.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
+                                                  grad.mutable_data_ptr<scalar_t>());
+  });
+  return {sums, grad};
 }
 
 // The filter's whole backward where its kernel taps collapse into their sum on both axes
@@ -583,37 +620,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
   const int64_t ph = grid[2], pw = grid[7];
   auto [gbar, total] = patch_pool(grad_out, grid[0], grid[5], grid[1], grid[6], ph, pw, /*mean=*/true, need_b);
   at::Tensor grad_x = grad_out.new_empty({0}, grad_out.options().dtype(x_dtype));
-  at::Tensor grad_w = weight.new_empty({0});
+  at::Tensor grad_w;  // undefined until computed
   at::Tensor grad_b = weight.new_empty({0});
   // gbar is a (N, C_out, ph, pw) view of (C_out, N, ph, pw): read as a (C_out, N*ph*pw) matrix
   const at::Tensor g_matrix = gbar.transpose(0, 1).reshape({c_out, -1});
-  if (need_x) {
-    const at::Tensor w = weight.to(gbar.scalar_type());
-    const bool one_tap = w.size(2) * w.size(3) == 1;
-    const at::Tensor taps = one_tap ? w.reshape({c_out, c_in_group}) : tap_sums(w);  // (C_out, C_in/groups)
-    at::Tensor low;
-    if (depthwise) {
-      low = gbar * taps.reshape({1, c_out, 1, 1});
-    } else {
-      const int64_t c_in = c_in_group;
-      low = at::mm(taps.t(), g_matrix).view({c_in, n, ph, pw}).permute({1, 0, 2, 3});
-    }
-    grad_x = patch_spread(low, in_h, in_w, grid[3], grid[8], grid[4], grid[9], scale, x_dtype);
-  }
+  at::Tensor per_pair;  // (C_out, C_in/groups): the weight gradient's one value per kernel
   if (need_w) {
     TORCH_CHECK(pooled.has_value(), "lightning_gf: the pooled input is needed for the weight gradient");
     const auto common = at::promote_types(gbar.scalar_type(), pooled->scalar_type());
     const at::Tensor xs = pooled->to(common);
-    at::Tensor per_pair;
     if (depthwise) {
       per_pair = (gbar.to(common) * xs).sum({0, 2, 3}).reshape({c_out, 1});
     } else {
       const at::Tensor x_matrix = xs.transpose(0, 1).reshape({xs.size(1), -1});
       per_pair = at::mm(g_matrix.to(common), x_matrix.t());
     }
-    grad_w = tap_broadcast(per_pair, weight.size(2), weight.size(3), scale, weight.scalar_type());
+  }
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  // the sums of the kernels' taps, in gbar's dtype, with the weight gradient in the same pass
+  at::Tensor taps;
+  if (need_x && kh * kw == 1) {
+    taps = weight.to(gbar.scalar_type()).reshape({c_out, c_in_group});
+  } else if (need_x && need_w && at::toOpMathType(weight.scalar_type()) == gbar.scalar_type()) {
+    std::tie(taps, grad_w) = tap_sums_and_broadcast(weight, per_pair, scale);
+  } else if (need_x) {
+    taps = tap_sums(weight.to(gbar.scalar_type()));
+  }
+  if (need_w && !grad_w.defined()) grad_w = tap_broadcast(per_pair, kh, kw, scale, weight.scalar_type());
+  if (need_x) {
+    at::Tensor low;
+    if (depthwise) {
+      low = gbar * taps.reshape({1, c_out, 1, 1});
+    } else {
+      low = at::mm(taps.t(), g_matrix).view({c_in_group, n, ph, pw}).permute({1, 0, 2, 3});
+    }
+    grad_x = patch_spread(low, in_h, in_w, grid[3], grid[8], grid[4], grid[9], scale, x_dtype);
   }
   if (need_b) grad_b = total.to(weight.scalar_type());
+  if (!grad_w.defined()) grad_w = weight.new_empty({0});
   return {grad_x, grad_w, grad_b};
 }
 
