@@ -55,10 +55,10 @@ def once_differentiable(message: str) -> Callable[[Callable[..., Any]], Callable
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx: Any, *args: Any) -> Any:
+            if not torch.is_grad_enabled():  # a plain backward, not create_graph=True: grad is off already
+                return backward(ctx, *args)
             with torch.no_grad():
                 outputs = backward(ctx, *args)
-            if not torch.is_grad_enabled():  # a plain backward, not create_graph=True
-                return outputs
             single = not isinstance(outputs, tuple)
             result = [outputs] if single else list(outputs)
             present = [i for i, o in enumerate(result) if isinstance(o, torch.Tensor)]
