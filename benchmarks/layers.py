@@ -46,6 +46,13 @@ OTHER = [
 ]
 
 
+# Turns per layer (each contender once per turn; the median is taken), and how many times
+# more on maps of fewer cells (cheap, and noisier: a hiccup of the machine weighs more).
+REPEATS = 9
+SMALL_MAP_CELLS = 3000
+SMALL_MAP_FACTOR = 3
+
+
 def bench_layer(spec: LayerSpec, r: int, batch: int, repeats: int, device: str, dtype: torch.dtype) -> dict:
     """Forward and backward times (ms) of one layer, vanilla and filtered in turn.
 
@@ -126,7 +133,8 @@ def bench_layer_graphed(spec: LayerSpec, r: int, batch: int, repeats: int, dtype
     }
 
 
-def run(rs=(2, 4), batch: int = 8, repeats: int = 5, device: str = "cpu", dtype=torch.float32, quick=False) -> list[dict]:
+def run(rs=(2, 4), batch: int = 8, repeats: int = REPEATS, device: str = "cpu", dtype=torch.float32,
+        quick=False) -> list[dict]:
     specs = PAPER_SUITE + OTHER
     if quick:
         specs = specs[3:5] + OTHER[:1]
@@ -134,8 +142,8 @@ def run(rs=(2, 4), batch: int = 8, repeats: int = 5, device: str = "cpu", dtype=
     rows = []
     for r in rs:
         for spec in specs:
-            small = spec.size[0] * spec.size[1] < 3000  # cheap and noisy: more repeats
-            row = bench_layer(spec, r, batch, repeats * 3 if small else repeats, device, dtype)
+            small = spec.size[0] * spec.size[1] < SMALL_MAP_CELLS  # cheap and noisy: more repeats
+            row = bench_layer(spec, r, batch, repeats * SMALL_MAP_FACTOR if small else repeats, device, dtype)
             rows.append(row)
             print(f"r={r} {spec.name:28s} bwd {row['bwd_vanilla_ms']:8.2f} -> {row['bwd_filtered_ms']:7.2f} ms "
                   f"({row['bwd_speedup']:5.1f}x)  fwd x{row['fwd_overhead']:.2f}", flush=True)

@@ -127,7 +127,8 @@ def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> No
     text = f"""# Benchmarks
 
 Measured by `make bench` (`.venv/bin/python -m benchmarks.run_all`) on {_env()}.
-Every ratio compares two contenders timed in turn in the same run (median of repeats).
+Every ratio compares two contenders timed in turn in the same run: per layer, the median of
+{layers.REPEATS} turns ({layers.REPEATS * layers.SMALL_MAP_FACTOR} on maps under {layers.SMALL_MAP_CELLS:,} cells).
 Raw rows: [bench-results.json](bench-results.json). Earlier attempts and what limits the
 speed: [benchmarks-history.md](benchmarks-history.md).
 
