@@ -18,10 +18,13 @@ from tests.conftest import cpu_path_forced
 # (most of them narrow: a patch row fits in 1 to 4 AVX2 registers, 8 to 32 cells, and
 # is pooled in registers; 20x22 and 28x28 take 3 and 4); then wide maps, whose patch
 # columns are summed eight at a time (AVX2), one whole map width at once when the grid
-# tiles it or row by row around clipped patches, and enough maps to split across threads
+# tiles it or row by row around clipped patches, and enough maps to split across threads;
+# the last three: widths the grid tiles with patches 2 or 4 wide (summed by horizontal
+# adds), with patches past the last group of eight and rows clipped by the grid
 GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9, 11, 4, 2), (2, 3, 7, 5, 2, 3),
          (1, 2, 3, 3, 4, 1), (2, 6, 14, 14, 2, 2), (1, 3, 13, 12, 3, 1), (1, 3, 20, 22, 2, 1), (2, 4, 28, 28, 2, 1),
-         (2, 160, 6, 40, 2, 1), (1, 2, 9, 70, 4, 1), (1, 3, 12, 64, 4, 2), (1, 2, 5, 37, 2, 1)]
+         (2, 160, 6, 40, 2, 1), (1, 2, 9, 70, 4, 1), (1, 3, 12, 64, 4, 2), (1, 2, 5, 37, 2, 1),
+         (1, 3, 9, 48, 4, 1), (2, 3, 11, 34, 2, 1), (1, 2, 10, 48, 2, 2)]
 
 
 def _plain(fn, *args, **kwargs):
