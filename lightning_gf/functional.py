@@ -488,9 +488,9 @@ def _(x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r
 
 def _fused_backward_takes(grad_out: Tensor, weight: Tensor, channels_last: bool, dilation: list[int], groups: int,
                           r: int) -> bool:
-    """Whether one compiled call does the whole backward: an NCHW ``g_y`` the kernels take, taps
-    that collapse on both axes, a dense or depthwise conv (the steps below, without Python
-    between them: a tenth of a small map's backward)."""
+    """Whether one compiled call does the whole backward (the steps below, without the Python
+    between them, which took a tenth of a small map's backward): an NCHW ``g_y`` the kernels
+    take, taps that collapse on both axes, a dense or depthwise conv."""
     return (
         not channels_last
         and dilation[0] < r
