@@ -122,7 +122,7 @@ def write_docs(layer_rows: list[dict], model_rows: list[dict], docs: Path) -> No
     plots = _plots(layer_rows, model_rows, docs / "img")
     paper = "\n".join(
         f"- r={r}: paper suite backward **{s['paper_bwd_geomean']:.1f}x** faster (geometric mean); slowest layer of any "
-        f"kind {s['slowest_bwd']:.2f}x ({s['slowest_layer']}); forward cost {s['fwd_overhead_geomean']:.2f}x (geometric "
+        f"kind {s['slowest_bwd']:.2f}x ({s['slowest_layer']}); forward cost {s['fwd_overhead_geomean']:.3f}x (geometric "
         f"mean over all layers)" for r, s in summary.items())
     text = f"""# Benchmarks
 
