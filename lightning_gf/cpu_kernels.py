@@ -3,9 +3,10 @@
 Pooling a map over the patch grid and spreading patch values back over a map are one
 pass each in C++ (``csrc/patch_kernels.cpp``) instead of several PyTorch calls, and
 so are the two per-kernel steps on weights (summing the taps, broadcasting one value
-over them). The first filtered conv on CPU compiles them with the system's C++
+over them); ``csrc/filtered_conv.cpp`` makes the whole filtered conv one C++ autograd
+node where that backward covers it. The first filtered conv on CPU compiles them with the system's C++
 compiler and ``ninja`` (about 30 s, once; cached under ``$LIGHTNING_GF_CACHE``,
-default ``~/.cache/lightning_gf``, per source, torch, Python and CPU). Without a
+default ``~/.cache/lightning_gf``, per sources, torch, Python and CPU). Without a
 compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter runs the same math in
 plain PyTorch (slower, same results; the tests check both).
 
@@ -32,7 +33,8 @@ import torch
 ENV_SWITCH = "LIGHTNING_GF_CPU_KERNELS"
 ENV_CACHE = "LIGHTNING_GF_CACHE"
 _NAME = "lightning_gf_cpu"
-_SOURCE = Path(__file__).parent / "csrc" / "patch_kernels.cpp"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 # OpenMP as torch's own parallel backend: without it ``at::parallel_for`` in the kernels
 # runs on one thread
 _OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform == "linux" else []
@@ -44,14 +46,14 @@ _enabled = True
 
 
 def _machine_key() -> str:
-    """What a built library depends on: the source, torch, Python and this CPU's features."""
+    """What a built library depends on: the sources, torch, Python and this CPU's features."""
     cpu_flags = ""
     try:
         with open("/proc/cpuinfo") as info:
             cpu_flags = next((line for line in info if line.startswith("flags")), "")
     except OSError:
         cpu_flags = platform.processor()
-    parts = [_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
+    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
              cpu_flags.encode(), " ".join(_FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -85,7 +87,7 @@ def _build_and_load() -> None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=_OPENMP,
+        cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=_OPENMP,
                            build_directory=str(directory),
                            is_python_module=False, verbose=False)
     finally:

@@ -415,6 +415,11 @@ class _Geometry(NamedTuple):
     dilation: tuple[int, int]
     grid_h: AxisGrid
     grid_w: AxisGrid
+    # what the compiled CPU node takes (see _cpu_node_takes): stride, padding and dilation,
+    # then per axis r, output padding before the grid, patches, input patch and input padding
+    conv: tuple[int, ...]
+    grid: tuple[int, ...]
+    taps_collapse: bool  # dilation < r on both axes: the filter sums a kernel's taps
 
 
 def _hashable(value: Any) -> Any:
@@ -439,7 +444,9 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
         )
     grid_h = AxisGrid.build(in_size[0], out_size[0], r, stride_pair[0])
     grid_w = AxisGrid.build(in_size[1], out_size[1], r, stride_pair[1])
-    return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w)
+    return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w,
+                     conv=(*stride_pair, *padding_pair, *dilation_pair), grid=(*_grid_numbers(grid_h), *_grid_numbers(grid_w)),
+                     taps_collapse=dilation_pair[0] < r and dilation_pair[1] < r)
 
 
 def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
@@ -486,6 +493,11 @@ def _(x, weight, bias, pooled, stride, padding, padding_str, dilation, groups, r
     return F.conv2d(x, weight, bias, stride, padding_str or padding, dilation, groups)
 
 
+def _grid_numbers(grid: AxisGrid) -> tuple[int, int, int, int, int]:
+    """One axis of a grid as the compiled backward takes it."""
+    return grid.r, grid.out_before, grid.patches, grid.in_patch, grid.in_before
+
+
 def _fused_backward_takes(grad_out: Tensor, weight: Tensor, channels_last: bool, dilation: list[int], groups: int,
                           r: int) -> bool:
     """Whether one compiled call does the whole backward (the steps below, without the Python
@@ -521,8 +533,7 @@ def _filtered_backward(
     grid_h = AxisGrid.build(x_size[2], grad_out.shape[2], r, stride[0])
     grid_w = AxisGrid.build(x_size[3], grad_out.shape[3], r, stride[1])
     if _fused_backward_takes(grad_out, weight, channels_last, dilation, groups, r):
-        grid = [grid_h.r, grid_h.out_before, grid_h.patches, grid_h.in_patch, grid_h.in_before,
-                grid_w.r, grid_w.out_before, grid_w.patches, grid_w.in_patch, grid_w.in_before]
+        grid = [*_grid_numbers(grid_h), *_grid_numbers(grid_w)]
         return torch.ops.lightning_gf_cpu.filtered_backward(
             grad_out, pooled, weight, grid, x_size[2], x_size[3], groups, 1.0 / stride_scale, x_dtype,
             need_x, need_w, need_b,
@@ -622,6 +633,43 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple
     return cast[0], cast[1], cast[2]  # type: ignore[return-value]
 
 
+def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int) -> bool:
+    """Whether the compiled CPU node (``csrc/filtered_conv.cpp``) runs this conv, forward and
+    backward, without Python: a contiguous NCHW input the kernels take, numeric padding,
+    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing."""
+    return (  # _use_kernels' checks, inlined: this runs on every call
+        geometry.taps_collapse
+        and not geometry.padding_str
+        and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
+        and type(x) is Tensor
+        and x.is_cpu
+        and x.dtype in _KERNEL_DTYPES
+        and x.is_contiguous()
+        and cpu_kernels.available()
+        and not torch.compiler.is_compiling()
+        and not _any_autocast()
+        and not torch._C._get_tracing_state()
+    )
+
+
+def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: _Geometry, groups: int,
+                     stride_correction: bool, need_w: bool) -> tuple[Tensor, Optional[Tensor], bool]:
+    """``(y, pooled, made_here)`` from the compiled CPU node. The node pools ``x`` itself unless
+    another filtered conv already did (the copy shared as in :func:`_shared_pooled_input`)."""
+    reads = _reads_of(x) if need_w else None
+    key = (geometry.grid_h, geometry.grid_w)
+    pooled = None if reads is None else reads.get(key)
+    scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
+    y, kept = torch.ops.lightning_gf_cpu.filtered_conv2d.default(
+        x, weight, bias, pooled, geometry.conv, groups, geometry.grid, scale, need_w, _NO_DOUBLE_BACKWARD
+    )
+    if reads is None:
+        return y, None, True
+    if pooled is None:
+        reads[key] = kept
+    return y, kept, pooled is None
+
+
 def filtered_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -673,11 +721,14 @@ def filtered_conv2d(
     grad_on = torch.is_grad_enabled()
     need_w = grad_on and weight.requires_grad
     grid_h, grid_w = geometry.grid_h, geometry.grid_w
-    pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
-    x, w, b = _autocast_inputs(input, weight, bias)
-    conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
-    y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
-             list(geometry.dilation), groups, r, stride_correction)
+    if _cpu_node_takes(input, weight, geometry, groups):
+        y, pooled, first_use = _cpu_node_conv2d(input, weight, bias, geometry, groups, stride_correction, need_w)
+    else:
+        pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
+        x, w, b = _autocast_inputs(input, weight, bias)
+        conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
+        y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
+                 list(geometry.dilation), groups, r, stride_correction)
     if _stats is not None and not torch.compiler.is_compiling():
         call = _call_stats(input, weight, y, pooled, grid_h, grid_w, geometry.dilation, r,
                            (grad_on and input.requires_grad, need_w))

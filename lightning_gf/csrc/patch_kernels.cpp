@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "patch_kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -378,6 +380,8 @@ bool pool_narrow(const scalar_t*, int64_t, int64_t, const std::vector<Span>&, in
   return false;
 }
 
+}  // namespace
+
 // Sum of every patch of the grid; when `mean`, divided by the number of its cells inside
 // the map (the mean of its valid cells). Also returns the per-channel total of the map,
 // shape (C,), when `channel_totals` (the exact bias gradient).
@@ -440,6 +444,8 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
   }
   return {out, bias};
 }
+
+namespace {
 
 // A map of `size` (N, C, H, W), dtype `dtype`: each cell gets `scale` times the value of
 // the patch it falls in (zero outside the grid).
@@ -602,6 +608,8 @@ std::tuple<at::Tensor, at::Tensor> tap_sums_and_broadcast(const at::Tensor& weig
   return {sums, grad};
 }
 
+}  // namespace
+
 // The filter's whole backward where its kernel taps collapse into their sum on both axes
 // (dilation < r) and it is dense (groups = 1) or depthwise: the steps above and the two
 // matrix products in one call, without a trip through Python between them. `grid` holds,
@@ -660,8 +668,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filtered_backward(
   if (!grad_w.defined()) grad_w = weight.new_empty({0});
   return {grad_x, grad_w, grad_b};
 }
-
-}  // namespace
 
 TORCH_LIBRARY(lightning_gf_cpu, m) {
   m.def("tap_sums(Tensor weight) -> Tensor");
