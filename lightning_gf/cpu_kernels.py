@@ -4,11 +4,11 @@ Pooling a map over the patch grid and spreading patch values back over a map are
 pass each in C++ (``csrc/patch_kernels.cpp``) instead of several PyTorch calls, and
 so are the two per-kernel steps on weights (summing the taps, broadcasting one value
 over them); ``csrc/filtered_conv.cpp`` makes the whole filtered conv one C++ autograd
-node where that backward covers it. The first filtered conv on CPU compiles them with the system's C++
-compiler and ``ninja`` (about 30 s, once; cached under ``$LIGHTNING_GF_CACHE``,
-default ``~/.cache/lightning_gf``, per sources, torch, Python and CPU). Without a
-compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter runs the same math in
-plain PyTorch (slower, same results; the tests check both).
+node where that backward covers it. The first filtered conv on CPU compiles them with
+the system's C++ compiler and ``ninja`` (about 30 s, once; cached under
+``$LIGHTNING_GF_CACHE``, default ``~/.cache/lightning_gf``, per source files, torch,
+Python and CPU). Without a compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter
+runs the same math in plain PyTorch (slower, same results; the tests check both).
 
 Example:
     >>> import lightning_gf.cpu_kernels as cpu_kernels
