@@ -352,7 +352,7 @@ def _reads_of(x: Tensor) -> dict[Any, Any]:
     return cache[1]
 
 
-def _shared_pooled_input(x: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, bool]:
+def _shared_pooled_input(x: Tensor, geometry: "_Geometry") -> tuple[Tensor, bool]:
     """The patch sums of ``x`` on this grid, computed once for every conv that reads ``x``.
 
     Parallel branches that read one tensor (ASPP, Inception) then keep one pooled
@@ -360,13 +360,14 @@ def _shared_pooled_input(x: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple
     off ``x`` itself (so it lives no longer than ``x``) and is recomputed if ``x``
     changed in place. Returns the sums and whether this call made them.
     """
+    grid_h, grid_w = geometry.grid_h, geometry.grid_w
     if torch.compiler.is_compiling():
         return pool_patches(x, grid_h, grid_w, on_input=True), True
     reads = _reads_of(x)
-    pooled = reads.get((grid_h, grid_w))
+    pooled = reads.get(geometry.grid)
     if pooled is not None:
         return pooled, False
-    pooled = reads[(grid_h, grid_w)] = pool_patches(x, grid_h, grid_w, on_input=True)
+    pooled = reads[geometry.grid] = pool_patches(x, grid_h, grid_w, on_input=True)
     return pooled, True
 
 
@@ -417,9 +418,10 @@ class _Geometry(NamedTuple):
     grid_w: AxisGrid
     # what the compiled CPU node takes (see _cpu_node_takes): stride, padding and dilation,
     # then per axis r, output padding before the grid, patches, input patch and input padding
+    # (the grid is also the key of the pooled copy that the readers of an input share)
     conv: tuple[int, ...]
     grid: tuple[int, ...]
-    taps_collapse: bool  # dilation < r on both axes: the filter sums a kernel's taps
+    node_takes: bool  # numeric padding, dilation < r on both axes (taps collapse): see _cpu_node_takes
 
 
 def _hashable(value: Any) -> Any:
@@ -446,13 +448,17 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
     grid_w = AxisGrid.build(in_size[1], out_size[1], r, stride_pair[1])
     return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w,
                      conv=(*stride_pair, *padding_pair, *dilation_pair), grid=(*_grid_numbers(grid_h), *_grid_numbers(grid_w)),
-                     taps_collapse=dilation_pair[0] < r and dilation_pair[1] < r)
+                     node_takes=not padding_str and dilation_pair[0] < r and dilation_pair[1] < r)
 
 
 def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
     """The conv's arguments checked and its patch grids, computed once per input size and
     settings: a cache lookup costs less than the checks, on every call."""
     if not torch.compiler.is_compiling():
+        try:
+            return _geometry_cached(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
+        except TypeError:  # a list among the arguments: taken as a tuple
+            pass
         try:
             return _geometry_cached(x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding),
                                     _hashable(dilation), r)
@@ -638,8 +644,7 @@ def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int)
     backward, without Python: a contiguous NCHW input the kernels take, numeric padding,
     taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing."""
     return (  # _use_kernels' checks, inlined: this runs on every call
-        geometry.taps_collapse
-        and not geometry.padding_str
+        geometry.node_takes
         and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
         and type(x) is Tensor
         and x.is_cpu
@@ -657,8 +662,7 @@ def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry
     """``(y, pooled, made_here)`` from the compiled CPU node. The node pools ``x`` itself unless
     another filtered conv already did (the copy shared as in :func:`_shared_pooled_input`)."""
     reads = _reads_of(x) if need_w else None
-    key = (geometry.grid_h, geometry.grid_w)
-    pooled = None if reads is None else reads.get(key)
+    pooled = None if reads is None else reads.get(geometry.grid)
     scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
     y, kept = torch.ops.lightning_gf_cpu.filtered_conv2d.default(
         x, weight, bias, pooled, geometry.conv, groups, geometry.grid, scale, need_w, _NO_DOUBLE_BACKWARD
@@ -666,7 +670,7 @@ def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry
     if reads is None:
         return y, None, True
     if pooled is None:
-        reads[key] = kept
+        reads[geometry.grid] = kept
     return y, kept, pooled is None
 
 
@@ -724,7 +728,7 @@ def filtered_conv2d(
     if _cpu_node_takes(input, weight, geometry, groups):
         y, pooled, first_use = _cpu_node_conv2d(input, weight, bias, geometry, groups, stride_correction, need_w)
     else:
-        pooled, first_use = _shared_pooled_input(input, grid_h, grid_w) if need_w else (None, True)
+        pooled, first_use = _shared_pooled_input(input, geometry) if need_w else (None, True)
         x, w, b = _autocast_inputs(input, weight, bias)
         conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
         y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,

@@ -187,6 +187,25 @@ def test_kernels_run_their_loops_on_torchs_threads():
     assert b"GOMP_parallel" in library  # the parallel regions call into the OpenMP runtime
 
 
+@pytest.mark.parametrize("shape, grid", [((8, 160, 7, 7), (2, 2, 1, 1, 4, 4)), ((3, 40, 30, 30), (2, 2, 1, 1, 15, 15)),
+                                         ((2, 9, 64, 70), (4, 4, 0, 1, 16, 18))])
+def test_pooling_split_over_threads_matches_one_thread(shape, grid):
+    """Maps of 16K cells and more are pooled by several threads, each from any plane on:
+    the same sums, means and totals as on one thread."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append([torch.ops.lightning_gf_cpu.patch_pool(x, *grid, mean, totals)
+                            for mean, totals in ((False, False), (True, True))])
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
 def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
     """Below ``FEW_PATCHES`` patches the pooled sums and the ``g_y`` means are stored
     (P_h, P_w, N, C): both channel products then take them as one matrix, and give what
