@@ -451,10 +451,11 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
                      node_takes=not padding_str and dilation_pair[0] < r and dilation_pair[1] < r)
 
 
-def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int) -> _Geometry:
+def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, r: int,
+              compiling: bool) -> _Geometry:
     """The conv's arguments checked and its patch grids, computed once per input size and
     settings: a cache lookup costs less than the checks, on every call."""
-    if not torch.compiler.is_compiling():
+    if not compiling:
         try:
             return _geometry_cached(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
         except TypeError:  # a list among the arguments: taken as a tuple
@@ -642,7 +643,8 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple
 def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int) -> bool:
     """Whether the compiled CPU node (``csrc/filtered_conv.cpp``) runs this conv, forward and
     backward, without Python: a contiguous NCHW input the kernels take, numeric padding,
-    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing."""
+    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing (the caller
+    checks that ``torch.compile`` is not tracing)."""
     return (  # _use_kernels' checks, inlined: this runs on every call
         geometry.node_takes
         and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
@@ -651,10 +653,16 @@ def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int)
         and x.dtype in _KERNEL_DTYPES
         and x.is_contiguous()
         and cpu_kernels.available()
-        and not torch.compiler.is_compiling()
         and not _any_autocast()
         and not torch._C._get_tracing_state()
     )
+
+
+@functools.cache
+def _cpu_node_op() -> Any:
+    """The node's op, looked up once (four attribute lookups a call otherwise, slow between
+    two convs that have pushed Python's own data out of the caches)."""
+    return torch.ops.lightning_gf_cpu.filtered_conv2d.default
 
 
 def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: _Geometry, groups: int,
@@ -664,7 +672,7 @@ def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry
     reads = _reads_of(x) if need_w else None
     pooled = None if reads is None else reads.get(geometry.grid)
     scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
-    y, kept = torch.ops.lightning_gf_cpu.filtered_conv2d.default(
+    y, kept = _cpu_node_op()(
         x, weight, bias, pooled, geometry.conv, groups, geometry.grid, scale, need_w, _NO_DOUBLE_BACKWARD
     )
     if reads is None:
@@ -713,10 +721,11 @@ def filtered_conv2d(
         raise ValueError(f"r must be an int >= 1, got {r!r}")
     if input.dim() != 4:
         raise ValueError(f"filtered_conv2d takes a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
-    geometry = _geometry(input, weight, stride, padding, dilation, r)
+    compiling = torch.compiler.is_compiling()
+    geometry = _geometry(input, weight, stride, padding, dilation, r, compiling)
     if r == 1:
         out = F.conv2d(input, weight, bias, geometry.stride, padding, geometry.dilation, groups)
-        if _stats is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if _stats is not None and torch.is_grad_enabled() and not compiling:
             call = _plain_call_stats(input, weight, out)
             if weight.requires_grad and not _first_read(input):  # kept once for every reader
                 call.kept_bytes = call.vanilla_bytes = 0
@@ -725,15 +734,15 @@ def filtered_conv2d(
     grad_on = torch.is_grad_enabled()
     need_w = grad_on and weight.requires_grad
     grid_h, grid_w = geometry.grid_h, geometry.grid_w
-    if _cpu_node_takes(input, weight, geometry, groups):
+    if not compiling and _cpu_node_takes(input, weight, geometry, groups):
         y, pooled, first_use = _cpu_node_conv2d(input, weight, bias, geometry, groups, stride_correction, need_w)
     else:
         pooled, first_use = _shared_pooled_input(input, geometry) if need_w else (None, True)
         x, w, b = _autocast_inputs(input, weight, bias)
-        conv = _filtered_conv2d_op if torch.compiler.is_compiling() else _FilteredConv2dFunction.apply
+        conv = _filtered_conv2d_op if compiling else _FilteredConv2dFunction.apply
         y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
                  list(geometry.dilation), groups, r, stride_correction)
-    if _stats is not None and not torch.compiler.is_compiling():
+    if _stats is not None and not compiling:
         call = _call_stats(input, weight, y, pooled, grid_h, grid_w, geometry.dilation, r,
                            (grad_on and input.requires_grad, need_w))
         if not first_use:  # another filtered conv already keeps (and counted) these sums
