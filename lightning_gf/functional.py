@@ -69,9 +69,9 @@ def _use_kernels(t: Tensor) -> bool:
         type(t) is Tensor
         and t.is_cpu
         and t.dtype in _KERNEL_DTYPES
+        and not torch.compiler.is_compiling()  # before available(): its lock breaks a torch.compile graph
         and cpu_kernels.available()
         and (t.is_contiguous() or _channel_major(t) or small_maps.is_patch_major(t))
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -43,3 +43,20 @@ def test_compiles_in_one_graph_with_eager_gradients(lean):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     dynamo.reset()
+
+
+def test_compiles_in_one_graph_before_any_eager_call():
+    """A fresh process that compiles first: the kernels' lazy load (and its lock) stays out
+    of the traced graph."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch._dynamo as dynamo\n"
+        "from lightning_gf.functional import filtered_conv2d\n"
+        "x, w = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)\n"
+        "explained = dynamo.explain(lambda x, w: filtered_conv2d(x, w, padding=1, r=2).sum())(x, w)\n"
+        "print(explained.graph_break_count, explained.graph_count)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["0", "1"]
