@@ -43,14 +43,14 @@ _NO_DOUBLE_BACKWARD = (
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
 def _pair_or_zero(value: IntPair) -> tuple[int, int]:
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
         raise ValueError(f"padding must be 'same', 'valid', a non-negative int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
@@ -428,7 +428,7 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024, typed=True)  # typed: stride=True is refused, not taken for a cached 1
 def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: Any, padding: Any, dilation: Any,
                      r: int) -> _Geometry:
     stride_pair = _pair(stride, "stride")

@@ -185,6 +185,15 @@ def test_bad_r_is_refused(bad):
         filtered_conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3), r=bad)
 
 
+@pytest.mark.parametrize("bad", [dict(stride=True), dict(dilation=(1, True)), dict(padding=False), dict(stride=0)])
+def test_bad_conv_arguments_are_refused(bad):
+    """Also after the same conv with the int values was cached (True == 1 as a key)."""
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 2, 3, 3, requires_grad=True)
+    filtered_conv2d(x, w, stride=1, padding=0, dilation=1, r=2)
+    with pytest.raises(ValueError, match="must be"):
+        filtered_conv2d(x, w, **{**dict(stride=1, padding=0, dilation=1), **bad}, r=2)
+
+
 def test_parallel_branches_share_one_pooled_copy():
     x = torch.randn(2, 4, 12, 12, requires_grad=True)
     w1 = torch.randn(3, 4, 1, 1, requires_grad=True)
