@@ -53,8 +53,8 @@ def _machine_key() -> str:
             cpu_flags = next((line for line in info if line.startswith("flags")), "")
     except OSError:
         cpu_flags = platform.processor()
-    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
-             cpu_flags.encode(), " ".join(_FLAGS).encode()]
+    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), torch.__version__.encode(), sys.version.encode(),
+             platform.machine().encode(), cpu_flags.encode(), " ".join(_FLAGS).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -87,8 +87,8 @@ def _build_and_load() -> None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=_OPENMP,
-                           build_directory=str(directory),
+        cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
+                           extra_ldflags=_OPENMP, build_directory=str(directory),
                            is_python_module=False, verbose=False)
     finally:
         quiet.setLevel(level)

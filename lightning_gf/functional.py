@@ -447,7 +447,8 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
     grid_h = AxisGrid.build(in_size[0], out_size[0], r, stride_pair[0])
     grid_w = AxisGrid.build(in_size[1], out_size[1], r, stride_pair[1])
     return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w,
-                     conv=(*stride_pair, *padding_pair, *dilation_pair), grid=(*_grid_numbers(grid_h), *_grid_numbers(grid_w)),
+                     conv=(*stride_pair, *padding_pair, *dilation_pair),
+                     grid=(*_grid_numbers(grid_h), *_grid_numbers(grid_w)),
                      node_takes=not padding_str and dilation_pair[0] < r and dilation_pair[1] < r)
 
 
@@ -456,10 +457,6 @@ def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dila
     """The conv's arguments checked and its patch grids, computed once per input size and
     settings: a cache lookup costs less than the checks, on every call."""
     if not compiling:
-        try:
-            return _geometry_cached(x.shape[2:], weight.shape[2:], stride, padding, dilation, r)
-        except TypeError:  # a list among the arguments: taken as a tuple
-            pass
         try:
             return _geometry_cached(x.shape[2:], weight.shape[2:], _hashable(stride), _hashable(padding),
                                     _hashable(dilation), r)
@@ -643,16 +640,12 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple
 def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int) -> bool:
     """Whether the compiled CPU node (``csrc/filtered_conv.cpp``) runs this conv, forward and
     backward, without Python: a contiguous NCHW input the kernels take, numeric padding,
-    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing (the caller
-    checks that ``torch.compile`` is not tracing)."""
-    return (  # _use_kernels' checks, inlined: this runs on every call
+    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing."""
+    return (
         geometry.node_takes
         and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
-        and type(x) is Tensor
-        and x.is_cpu
-        and x.dtype in _KERNEL_DTYPES
         and x.is_contiguous()
-        and cpu_kernels.available()
+        and _use_kernels(x)
         and not _any_autocast()
         and not torch._C._get_tracing_state()
     )
