@@ -371,40 +371,29 @@ def _shared_pooled_input(x: Tensor, geometry: "_Geometry") -> tuple[Tensor, bool
     return pooled, True
 
 
-def _first_read(x: Tensor) -> bool:
-    """Whether this is the first patched conv whose backward needs ``x`` (a plain conv keeps it once)."""
-    reads = _reads_of(x)
+def _first_read(reads: dict[Any, Any]) -> bool:
+    """Whether this is the first patched conv whose backward needs the input whose
+    :func:`_reads_of` is ``reads`` (a plain conv keeps it once)."""
     first = "read" not in reads
     reads["read"] = True
     return first
 
 
-def _call_stats(
-    x: Tensor,
-    weight: Tensor,
-    y: Tensor,
-    xs: Optional[Tensor],
-    grid_h: AxisGrid,
-    grid_w: AxisGrid,
-    dilation: tuple[int, int],
-    r: int,
-    needs_grad: tuple[bool, ...],
-) -> FilterStats:
-    """What one filtered call keeps, what a plain conv would keep, and the backward work."""
-    need_x, need_w = needs_grad[0], needs_grad[1]
-    c_out, c_in_group, kh, kw = weight.shape
+def _filter_counts(x: Tensor, weight_shape: torch.Size, geometry: "_Geometry", r: int, need_x: bool,
+                   need_w: bool) -> tuple[int, int, int, int]:
+    """The :class:`FilterStats` numbers of one filtered call: the bytes it keeps (the pooled
+    input), the bytes a plain conv would keep (the input), and the backward multiply-adds
+    of both."""
+    c_out, c_in_group, kh, kw = weight_shape
     pairs = x.shape[0] * c_out * c_in_group
-    taps = kh * kw
-    patches = grid_h.patches * grid_w.patches
-    atrous_taps = (kh if dilation[0] >= r else 1) * (kw if dilation[1] >= r else 1)
-    vanilla_macs = pairs * taps * y.shape[2] * y.shape[3] * (int(need_x) + int(need_w))
+    patches = geometry.grid_h.patches * geometry.grid_w.patches
+    atrous_taps = (kh if geometry.dilation[0] >= r else 1) * (kw if geometry.dilation[1] >= r else 1)
+    out_cells = geometry.out_size[0] * geometry.out_size[1]
+    kept = x.shape[0] * x.shape[1] * patches * pooled_dtype(x).itemsize if need_w else 0
+    vanilla = x.numel() * x.element_size() if need_w else 0
+    vanilla_macs = pairs * kh * kw * out_cells * (int(need_x) + int(need_w))
     filtered_macs = pairs * patches * (atrous_taps * int(need_x) + int(need_w))
-    return FilterStats(
-        kept_bytes=0 if xs is None else xs.numel() * xs.element_size(),
-        vanilla_bytes=x.numel() * x.element_size() if need_w else 0,
-        backward_macs_vanilla=vanilla_macs,
-        backward_macs_filtered=filtered_macs,
-    )
+    return kept, vanilla, vanilla_macs, filtered_macs
 
 
 class _Geometry(NamedTuple):
@@ -414,14 +403,15 @@ class _Geometry(NamedTuple):
     padding: tuple[int, int]
     padding_str: str  # "same" / "valid", or "" for numeric padding
     dilation: tuple[int, int]
+    out_size: tuple[int, int]
     grid_h: AxisGrid
     grid_w: AxisGrid
-    # what the compiled CPU node takes (see _cpu_node_takes): stride, padding and dilation,
+    # what the compiled CPU node takes (see _node_plan): stride, padding and dilation,
     # then per axis r, output padding before the grid, patches, input patch and input padding
     # (the grid is also the key of the pooled copy that the readers of an input share)
     conv: tuple[int, ...]
     grid: tuple[int, ...]
-    node_takes: bool  # numeric padding, dilation < r on both axes (taps collapse): see _cpu_node_takes
+    node_takes: bool  # numeric padding, dilation < r on both axes (taps collapse): see _node_plan
 
 
 def _hashable(value: Any) -> Any:
@@ -440,13 +430,14 @@ def _geometry_cached(in_size: tuple[int, int], kernel: tuple[int, int], stride: 
     if padding_str == "same":  # the output map keeps the input's size ('same' needs stride 1)
         out_size = (in_size[0], in_size[1])
     else:
-        out_size = tuple(
+        out_h, out_w = (
             (in_size[a] + 2 * padding_pair[a] - dilation_pair[a] * (kernel[a] - 1) - 1) // stride_pair[a] + 1
             for a in range(2)
         )
+        out_size = (out_h, out_w)
     grid_h = AxisGrid.build(in_size[0], out_size[0], r, stride_pair[0])
     grid_w = AxisGrid.build(in_size[1], out_size[1], r, stride_pair[1])
-    return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, grid_h, grid_w,
+    return _Geometry(stride_pair, padding_pair, padding_str, dilation_pair, out_size, grid_h, grid_w,
                      conv=(*stride_pair, *padding_pair, *dilation_pair),
                      grid=(*_grid_numbers(grid_h), *_grid_numbers(grid_w)),
                      node_takes=not padding_str and dilation_pair[0] < r and dilation_pair[1] < r)
@@ -637,42 +628,59 @@ def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple
     return cast[0], cast[1], cast[2]  # type: ignore[return-value]
 
 
-def _cpu_node_takes(x: Tensor, weight: Tensor, geometry: _Geometry, groups: int) -> bool:
-    """Whether the compiled CPU node (``csrc/filtered_conv.cpp``) runs this conv, forward and
-    backward, without Python: a contiguous NCHW input the kernels take, numeric padding,
-    taps that collapse, a dense or depthwise conv, no autocast, no JIT tracing."""
-    return (
-        geometry.node_takes
-        and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
-        and x.is_contiguous()
-        and _use_kernels(x)
-        and not _any_autocast()
-        and not torch._C._get_tracing_state()
-    )
+class _NodePlan(NamedTuple):
+    """What the compiled CPU node needs for one conv, worked out on its first call."""
+
+    conv: tuple[int, ...]  # stride, padding, dilation
+    grid: tuple[int, ...]  # see _Geometry.grid
+    scale: float  # the stride correction, or 1
+    counts: tuple[tuple[int, int, int, int], ...]  # _filter_counts, at 2 * need_x + need_w
+
+
+# Each conv's plan for the compiled CPU node (csrc/filtered_conv.cpp), or _NO_NODE where
+# the node never takes it, by the arguments that decide that. Every training step repeats
+# the same calls, and a call that finds its plan here goes to the node at once, without
+# the argument checks, the geometry lookup, the statistics' arithmetic or further Python
+# calls. Between two convs (whose data push Python's own out of the caches) each Python
+# call costs microseconds; in a filtered layer's forward they came to about 0.1 ms
+# (docs/benchmarks-history.md, attempt 9). Bounded: cleared when full (inputs of ever new
+# sizes).
+_NODE_PLANS: dict[tuple[Any, ...], _NodePlan] = {}
+_MAX_NODE_PLANS = 4096
+_NO_NODE = _NodePlan((), (), 0.0, ())
+
+
+def _node_plan(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, groups: int,
+               r: int, stride_correction: bool) -> _NodePlan:
+    """The node's plan for this conv, or _NO_NODE where it never takes it: it takes 4-D
+    inputs of the kernels' dtypes, numeric padding, taps that collapse (dilation < r), and
+    dense or depthwise convs. What may change from call to call (a contiguous plain CPU
+    input, the kernels on, no autocast, no JIT tracing) is checked on every call."""
+    if x.dim() != 4 or r == 1 or x.dtype not in _KERNEL_DTYPES:
+        return _NO_NODE
+    geometry = _geometry(x, weight, stride, padding, dilation, r, False)
+    if not geometry.node_takes or not (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups)):
+        return _NO_NODE
+    scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
+    counts = tuple(_filter_counts(x, weight.shape, geometry, r, need_x, need_w)
+                   for need_x in (False, True) for need_w in (False, True))
+    return _NodePlan(geometry.conv, geometry.grid, scale, counts)
 
 
 @functools.cache
 def _cpu_node_op() -> Any:
-    """The node's op, looked up once (four attribute lookups a call otherwise, slow between
-    two convs that have pushed Python's own data out of the caches)."""
+    """The node's op, looked up once (four attribute lookups a call otherwise)."""
     return torch.ops.lightning_gf_cpu.filtered_conv2d.default
 
 
-def _cpu_node_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: _Geometry, groups: int,
-                     stride_correction: bool, need_w: bool) -> tuple[Tensor, Optional[Tensor], bool]:
-    """``(y, pooled, made_here)`` from the compiled CPU node. The node pools ``x`` itself unless
-    another filtered conv already did (the copy shared as in :func:`_shared_pooled_input`)."""
-    reads = _reads_of(x) if need_w else None
-    pooled = None if reads is None else reads.get(geometry.grid)
-    scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
-    y, kept = _cpu_node_op()(
-        x, weight, bias, pooled, geometry.conv, groups, geometry.grid, scale, need_w, _NO_DOUBLE_BACKWARD
-    )
-    if reads is None:
-        return y, None, True
-    if pooled is None:
-        reads[geometry.grid] = kept
-    return y, kept, pooled is None
+def _add_node_counts(stats: FilterStats, plan: _NodePlan, need_x: bool, need_w: bool, pooled_here: bool,
+                     reads: Optional[dict[Any, Any]]) -> None:
+    kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = plan.counts[2 * need_x + need_w]
+    if not pooled_here:  # another filtered conv already keeps (and counted) these sums
+        kept_bytes = 0
+    if reads is not None and not _first_read(reads):  # a plain conv would keep this input once
+        vanilla_bytes = 0
+    stats.add_counts(kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs)
 
 
 def filtered_conv2d(
@@ -712,35 +720,60 @@ def filtered_conv2d(
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        try:
+            key: Optional[tuple[Any, ...]] = (
+                input.shape, input.dtype, weight.shape, stride, padding, dilation, groups, r, stride_correction,
+                type(stride), type(padding), type(dilation), type(groups))  # types: True is 1 to a dict
+            plan = _NODE_PLANS.get(key)
+        except TypeError:  # a list among the arguments: no key
+            key, plan = None, None
+        if plan is None:  # this conv's first call
+            plan = _node_plan(input, weight, stride, padding, dilation, groups, r, stride_correction)
+            if key is not None:
+                if len(_NODE_PLANS) >= _MAX_NODE_PLANS:
+                    _NODE_PLANS.clear()
+                _NODE_PLANS[key] = plan
+        if (plan is not _NO_NODE and type(input) is Tensor and input.is_cpu and input.is_contiguous()
+                and not _any_autocast() and not torch._C._get_tracing_state() and cpu_kernels.available()):
+            # the compiled node, forward and backward; it pools the input itself unless another
+            # filtered conv already did (the copy shared as in _shared_pooled_input)
+            grad_on = torch.is_grad_enabled()
+            need_w = grad_on and weight.requires_grad
+            reads = _reads_of(input) if need_w else None
+            pooled = None if reads is None else reads.get(plan.grid)
+            y, kept = _cpu_node_op()(input, weight, bias, pooled, plan.conv, groups, plan.grid, plan.scale, need_w,
+                                     _NO_DOUBLE_BACKWARD)
+            if reads is not None and pooled is None:
+                reads[plan.grid] = kept
+            if _stats is not None:
+                _add_node_counts(_stats, plan, grad_on and input.requires_grad, need_w, pooled is None, reads)
+            return y
     if input.dim() != 4:
         raise ValueError(f"filtered_conv2d takes a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
-    compiling = torch.compiler.is_compiling()
     geometry = _geometry(input, weight, stride, padding, dilation, r, compiling)
     if r == 1:
         out = F.conv2d(input, weight, bias, geometry.stride, padding, geometry.dilation, groups)
         if _stats is not None and torch.is_grad_enabled() and not compiling:
             call = _plain_call_stats(input, weight, out)
-            if weight.requires_grad and not _first_read(input):  # kept once for every reader
+            if weight.requires_grad and not _first_read(_reads_of(input)):  # kept once for every reader
                 call.kept_bytes = call.vanilla_bytes = 0
             _stats.add(call)
         return out
     grad_on = torch.is_grad_enabled()
-    need_w = grad_on and weight.requires_grad
-    grid_h, grid_w = geometry.grid_h, geometry.grid_w
-    if not compiling and _cpu_node_takes(input, weight, geometry, groups):
-        y, pooled, first_use = _cpu_node_conv2d(input, weight, bias, geometry, groups, stride_correction, need_w)
-    else:
-        pooled, first_use = _shared_pooled_input(input, geometry) if need_w else (None, True)
-        x, w, b = _autocast_inputs(input, weight, bias)
-        conv = _filtered_conv2d_op if compiling else _FilteredConv2dFunction.apply
-        y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
-                 list(geometry.dilation), groups, r, stride_correction)
+    need_x, need_w = grad_on and input.requires_grad, grad_on and weight.requires_grad
+    pooled, first_use = _shared_pooled_input(input, geometry) if need_w else (None, True)
+    x, w, b = _autocast_inputs(input, weight, bias)
+    conv = _filtered_conv2d_op if compiling else _FilteredConv2dFunction.apply
+    y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
+             list(geometry.dilation), groups, r, stride_correction)
     if _stats is not None and not compiling:
-        call = _call_stats(input, weight, y, pooled, grid_h, grid_w, geometry.dilation, r,
-                           (grad_on and input.requires_grad, need_w))
+        kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = _filter_counts(input, weight.shape, geometry, r,
+                                                                                need_x, need_w)
         if not first_use:  # another filtered conv already keeps (and counted) these sums
-            call.kept_bytes = 0
-        if need_w and not _first_read(input):  # a plain conv would keep this input once
-            call.vanilla_bytes = 0
-        _stats.add(call)
+            kept_bytes = 0
+        if need_w and not _first_read(_reads_of(input)):  # a plain conv would keep this input once
+            vanilla_bytes = 0
+        _stats.add_counts(kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs)
     return y

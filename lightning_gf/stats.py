@@ -33,6 +33,22 @@ class FilterStats:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def add_counts(self, kept_bytes: int, vanilla_bytes: int, backward_macs_vanilla: int,
+                   backward_macs_filtered: int) -> None:
+        """:meth:`add` for one call's numbers, without building a ``FilterStats`` (every forward
+        of every filtered layer adds to its stats).
+
+        Example:
+            >>> s = FilterStats()
+            >>> s.add_counts(10, 40, 900, 100)
+            >>> s.saved_bytes, s.backward_macs_filtered
+            (30, 100)
+        """
+        self.kept_bytes += kept_bytes
+        self.vanilla_bytes += vanilla_bytes
+        self.backward_macs_vanilla += backward_macs_vanilla
+        self.backward_macs_filtered += backward_macs_filtered
+
     def reset(self) -> None:
         for f in fields(self):
             setattr(self, f.name, 0)

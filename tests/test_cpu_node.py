@@ -21,6 +21,13 @@ CASES = [(2, 3, 5, 8, 8, 3, 1, 1, 1, 2), (2, 4, 4, 9, 7, 3, 1, 1, 4, 2), (1, 6, 
          (2, 5, 5, 14, 14, 3, 2, 1, 5, 4)]
 
 
+def _force_python_function(patch: pytest.MonkeyPatch) -> None:
+    """Send filtered convs to the Python ``autograd.Function``: no conv gets a plan for the
+    node, and the plans recorded for earlier calls are out of sight."""
+    patch.setattr(functional, "_node_plan", lambda *args: functional._NO_NODE)
+    patch.setattr(functional, "_NODE_PLANS", {})
+
+
 def _run(case, dtype, needs, bias, stride_correction, node):
     """y and the gradients asked for, through the node or through the Python function."""
     n, c_in, c_out, h, w, k, stride, padding, groups, r = case
@@ -30,7 +37,7 @@ def _run(case, dtype, needs, bias, stride_correction, node):
     b = torch.randn(c_out, generator=g).to(dtype).requires_grad_(needs[2]) if bias else None
     with pytest.MonkeyPatch.context() as patch:
         if not node:
-            patch.setattr(functional, "_cpu_node_takes", lambda *args: False)
+            _force_python_function(patch)
         y = filtered_conv2d(x, weight, b, stride=stride, padding=padding, groups=groups, r=r,
                             stride_correction=stride_correction)
     assert (y.grad_fn.name() == NODE) == node
@@ -85,7 +92,7 @@ def test_node_takes_only_the_convs_its_backward_covers():
 @pytest.mark.parametrize("node", [True, False])
 def test_create_graph_gives_the_gradients_and_refuses_a_second_backward(node, monkeypatch):
     if not node:
-        monkeypatch.setattr(functional, "_cpu_node_takes", lambda *args: False)
+        _force_python_function(monkeypatch)
     x = torch.randn(1, 2, 6, 6, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
@@ -130,3 +137,106 @@ def test_node_runs_under_no_grad_and_inference_mode():
         assert not hasattr(x, "_gf_pooled") or not functional._reads_of(x)  # nothing pooled without grad
     with torch.inference_mode():
         assert torch.equal(filtered_conv2d(x, w, padding=1, r=2), want)
+
+
+def _plan_key(x, w, stride=1, padding=0, dilation=1, groups=1, r=2, stride_correction=True):
+    return (x.shape, x.dtype, w.shape, stride, padding, dilation, groups, r, stride_correction,
+            type(stride), type(padding), type(dilation), type(groups))
+
+
+def _counts(stats):
+    return stats.kept_bytes, stats.vanilla_bytes, stats.backward_macs_vanilla, stats.backward_macs_filtered
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_recorded_plan_gives_what_the_first_call_gave(case, monkeypatch):
+    """The first call records the conv's plan; the second goes straight to the node with it:
+    same output, same gradients, same statistics."""
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    n, c_in, c_out, h, w, k, stride, padding, groups, r = case
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c_in, h, w, generator=g, requires_grad=True)
+    weight = torch.randn(c_out, c_in // groups, k, k, generator=g, requires_grad=True)
+    b = torch.randn(c_out, generator=g, requires_grad=True)
+    gy = torch.randn(filtered_conv2d(x, weight, b, stride=stride, padding=padding, groups=groups, r=r).shape,
+                     generator=g)
+    functional._NODE_PLANS.clear()
+    results = []
+    for _ in range(2):
+        stats = functional.FilterStats()
+        x_step = x.detach().clone().requires_grad_()  # a new input each step, as in training
+        y = filtered_conv2d(x_step, weight, b, stride=stride, padding=padding, groups=groups, r=r, _stats=stats)
+        assert y.grad_fn.name() == NODE
+        results.append((y, torch.autograd.grad(y, (x_step, weight, b), gy), _counts(stats)))
+        assert list(functional._NODE_PLANS) == [_plan_key(x, weight, stride, padding, 1, groups, r)]
+    (y1, grads1, counts1), (y2, grads2, counts2) = results
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    assert counts1 == counts2 and counts1[0] > 0
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_statistics_through_plans_match_the_python_function(needs, monkeypatch):
+    """Kept bytes and work of three readers of one input, two of them on one grid (the
+    second keeps nothing new), through recorded plans and through the Python function."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(needs[0])
+    w1 = torch.randn(6, 4, 3, 3, generator=g).requires_grad_(needs[1])
+    w2 = torch.randn(5, 4, 1, 1, generator=g).requires_grad_(needs[1])
+
+    def three_readers():
+        stats = functional.FilterStats()
+        filtered_conv2d(x, w1, padding=1, r=2, _stats=stats)  # a 4x4 grid
+        filtered_conv2d(x, w2, r=2, _stats=stats)  # the same 4x4 grid
+        filtered_conv2d(x, w2, stride=2, r=2, _stats=stats)  # a 2x2 grid
+        x._gf_pooled = None  # the next step's input
+        return _counts(stats)
+
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    first, planned = three_readers(), three_readers()
+    assert len(functional._NODE_PLANS) == 3
+    with pytest.MonkeyPatch.context() as patch:
+        _force_python_function(patch)
+        python = three_readers()
+    assert first == planned == python
+    pooled_copies = 2 * 4 * (16 + 4) * 4  # float32 sums: one 4x4 copy shared, one 2x2 copy
+    assert python[0] == (pooled_copies if needs[1] else 0)
+    assert python[1] == (x.numel() * 4 if needs[1] else 0)  # a plain conv keeps x once for all readers
+    assert python[2] > python[3] > 0
+
+
+def test_plans_do_not_take_what_the_moment_forbids(monkeypatch):
+    """A recorded plan is used only while the node could take the call anew: not for a
+    channels-last input, under autocast or with the kernels off."""
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    assert _grad_fn_name(x, w, padding=1, r=2) == NODE
+    assert _plan_key(x, w, padding=1) in functional._NODE_PLANS
+    assert _grad_fn_name(x.to(memory_format=torch.channels_last), w, padding=1, r=2) != NODE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _grad_fn_name(x, w, padding=1, r=2) != NODE
+    with cpu_path_forced("plain"):
+        assert _grad_fn_name(x, w, padding=1, r=2) != NODE
+    assert _grad_fn_name(x, w, padding=1, r=2) == NODE
+
+
+def test_bools_are_refused_after_their_int_has_a_plan(monkeypatch):
+    """``True == 1`` to a dict: the plans' keys hold the arguments' types, so ``stride=True``
+    still meets the argument checks."""
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    x, w = torch.randn(1, 2, 6, 6, requires_grad=True), torch.randn(3, 2, 3, 3)
+    filtered_conv2d(x, w, stride=1, padding=1, dilation=1, r=2)
+    assert len(functional._NODE_PLANS) == 1
+    for bad in (dict(stride=True, padding=1), dict(padding=True), dict(dilation=True, padding=1)):
+        with pytest.raises(ValueError, match="stride|padding|dilation"):
+            filtered_conv2d(x, w, r=2, **bad)
+
+
+def test_plans_are_bounded(monkeypatch):
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    monkeypatch.setattr(functional, "_MAX_NODE_PLANS", 3)
+    w = torch.randn(2, 2, 3, 3)
+    for size in range(6, 12):
+        filtered_conv2d(torch.randn(1, 2, size, size, requires_grad=True), w, padding=1, r=2)
+        assert 1 <= len(functional._NODE_PLANS) <= 3
+    assert _plan_key(torch.empty(1, 2, 11, 11), w, padding=1) in functional._NODE_PLANS
