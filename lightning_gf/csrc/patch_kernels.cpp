@@ -178,18 +178,23 @@ int64_t plane_grain(int64_t cells, int64_t task_cells = int64_t(1) << 16) {
 // Pooling writes channel-major: the outputs of consecutive planes (consecutive channels of
 // one image) lie n * ph * pw values apart, a stride the hardware's prefetchers do not
 // follow, so where a plane's output is a line or a few, every plane waited on its first
-// write. The plane kPrefetchPlanes ahead has the first kPrefetchLines lines of its output
-// fetched for writing instead (measured between two convs: a 64x960x7x7 map pooled in 2.0
-// against 6.4 ms at r = 2, 8x256x14x14 at stride 2 in 0.12 against 0.19 ms; maps whose
-// planes pool into many lines unchanged).
+// write. Where a plane's output spans at most kPrefetchLines lines, the output of the plane
+// kPrefetchPlanes ahead is fetched for writing instead (measured between two convs: a
+// 64x960x7x7 map pooled in 2.0 against 6.4 ms at r = 2, 8x256x14x14 at stride 2 in 0.12
+// against 0.19 ms; maps whose planes pool into more lines gained nothing).
 constexpr int64_t kPrefetchPlanes = 16;
 constexpr int64_t kPrefetchLines = 4;
+
+template <typename T>
+bool worth_prefetching(int64_t count) {
+  return count * static_cast<int64_t>(sizeof(T)) <= 64 * kPrefetchLines;
+}
 
 template <typename T>
 void prefetch_for_writing(const T* data, int64_t count) {
 #if defined(__GNUC__)
   const char* bytes = reinterpret_cast<const char*>(data);
-  const int64_t lines = std::min<int64_t>(kPrefetchLines, (count * static_cast<int64_t>(sizeof(T)) + 63) / 64);
+  const int64_t lines = (count * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   for (int64_t line = 0; line < lines; ++line) __builtin_prefetch(bytes + 64 * line, /*rw=*/1, /*locality=*/3);
 #else
   (void)data;
@@ -450,9 +455,10 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
       const scalar_t* end = src + n * c * h * w;
       at::parallel_for(0, n * c, plane_grain(h * w, kPoolTaskCells), [&](int64_t first, int64_t last) {
         std::vector<acc_t> scratch(ph * std::max<int64_t>(w, kNarrowScratch));
+        const bool prefetch = worth_prefetching<acc_t>(ph * pw);
         PlaneIndex at(first, c), ahead(first + kPrefetchPlanes, c);
         for (int64_t plane = first; plane < last; ++plane, at.next(), ahead.next()) {
-          if (plane + kPrefetchPlanes < last)
+          if (prefetch && plane + kPrefetchPlanes < last)
             prefetch_for_writing(dst + (ahead.channel * n + ahead.image) * ph * pw, ph * pw);
           const scalar_t* map = src + plane * h * w;
           acc_t* out = dst + (at.channel * n + at.image) * ph * pw;  // channel-major: (C, N, ph, pw)
