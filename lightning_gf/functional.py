@@ -675,6 +675,7 @@ def _cpu_node_op() -> Any:
 
 def _add_node_counts(stats: FilterStats, plan: _NodePlan, need_x: bool, need_w: bool, pooled_here: bool,
                      reads: Optional[dict[Any, Any]]) -> None:
+    """Adds one node call's numbers, recorded in its plan, to a layer's statistics."""
     kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = plan.counts[2 * need_x + need_w]
     if not pooled_here:  # another filtered conv already keeps (and counted) these sums
         kept_bytes = 0
