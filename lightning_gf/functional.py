@@ -673,10 +673,11 @@ def _cpu_node_op() -> Any:
     return torch.ops.lightning_gf_cpu.filtered_conv2d.default
 
 
-def _add_node_counts(stats: FilterStats, plan: _NodePlan, need_x: bool, need_w: bool, pooled_here: bool,
+def _add_call_counts(stats: FilterStats, counts: tuple[int, int, int, int], pooled_here: bool,
                      reads: Optional[dict[Any, Any]]) -> None:
-    """Adds one node call's numbers, recorded in its plan, to a layer's statistics."""
-    kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = plan.counts[2 * need_x + need_w]
+    """Adds one filtered call's :func:`_filter_counts` to a layer's statistics; ``reads`` is the
+    input's :func:`_reads_of` where the weight needs a gradient, else None."""
+    kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = counts
     if not pooled_here:  # another filtered conv already keeps (and counted) these sums
         kept_bytes = 0
     if reads is not None and not _first_read(reads):  # a plain conv would keep this input once
@@ -749,7 +750,8 @@ def filtered_conv2d(
             if reads is not None and pooled is None:
                 reads[plan.grid] = kept
             if _stats is not None:
-                _add_node_counts(_stats, plan, grad_on and input.requires_grad, need_w, pooled is None, reads)
+                _add_call_counts(_stats, plan.counts[2 * (grad_on and input.requires_grad) + need_w], pooled is None,
+                                 reads)
             return y
     if input.dim() != 4:
         raise ValueError(f"filtered_conv2d takes a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
@@ -770,11 +772,6 @@ def filtered_conv2d(
     y = conv(x, w, b, pooled, list(geometry.stride), list(geometry.padding), geometry.padding_str,
              list(geometry.dilation), groups, r, stride_correction)
     if _stats is not None and not compiling:
-        kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = _filter_counts(input, weight.shape, geometry, r,
-                                                                                need_x, need_w)
-        if not first_use:  # another filtered conv already keeps (and counted) these sums
-            kept_bytes = 0
-        if need_w and not _first_read(_reads_of(input)):  # a plain conv would keep this input once
-            vanilla_bytes = 0
-        _stats.add_counts(kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs)
+        _add_call_counts(_stats, _filter_counts(input, weight.shape, geometry, r, need_x, need_w), first_use,
+                         _reads_of(input) if need_w else None)
     return y
