@@ -493,6 +493,11 @@ def _grid_numbers(grid: AxisGrid) -> tuple[int, int, int, int, int]:
     return grid.r, grid.out_before, grid.patches, grid.in_patch, grid.in_before
 
 
+def _dense_or_depthwise(weight: Tensor, groups: int) -> bool:
+    """Whether the conv is dense or depthwise: the two kinds the compiled backward takes."""
+    return groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups)
+
+
 def _fused_backward_takes(grad_out: Tensor, weight: Tensor, channels_last: bool, dilation: list[int], groups: int,
                           r: int) -> bool:
     """Whether one compiled call does the whole backward (the steps below, without the Python
@@ -502,7 +507,7 @@ def _fused_backward_takes(grad_out: Tensor, weight: Tensor, channels_last: bool,
         not channels_last
         and dilation[0] < r
         and dilation[1] < r
-        and (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups))
+        and _dense_or_depthwise(weight, groups)
         and grad_out.is_contiguous()
         and _use_kernels(grad_out)
     )
@@ -640,8 +645,7 @@ class _NodePlan(NamedTuple):
 # Each conv's plan for the compiled CPU node (csrc/filtered_conv.cpp), or _NO_NODE where
 # the node never takes it, by the arguments that decide that. Every training step repeats
 # the same calls, and a call that finds its plan here goes to the node at once, without
-# the argument checks, the geometry lookup, the statistics' arithmetic or further Python
-# calls. Between two convs (whose data push Python's own out of the caches) each Python
+# the argument checks, the geometry lookup or the statistics' arithmetic. Between two convs (whose data push Python's own out of the caches) each Python
 # call costs microseconds; in a filtered layer's forward they came to about 0.1 ms
 # (docs/benchmarks-history.md, attempt 9). Bounded: cleared when full (inputs of ever new
 # sizes).
@@ -659,7 +663,7 @@ def _node_plan(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dil
     if x.dim() != 4 or r == 1 or x.dtype not in _KERNEL_DTYPES:
         return _NO_NODE
     geometry = _geometry(x, weight, stride, padding, dilation, r, False)
-    if not geometry.node_takes or not (groups == 1 or (weight.shape[1] == 1 and weight.shape[0] == groups)):
+    if not geometry.node_takes or not _dense_or_depthwise(weight, groups):
         return _NO_NODE
     scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
     counts = tuple(_filter_counts(x, weight.shape, geometry, r, need_x, need_w)
@@ -737,8 +741,8 @@ def filtered_conv2d(
                 if len(_NODE_PLANS) >= _MAX_NODE_PLANS:
                     _NODE_PLANS.clear()
                 _NODE_PLANS[key] = plan
-        if (plan is not _NO_NODE and type(input) is Tensor and input.is_cpu and input.is_contiguous()
-                and not _any_autocast() and not torch._C._get_tracing_state() and cpu_kernels.available()):
+        if (plan is not _NO_NODE and input.is_contiguous() and _use_kernels(input) and not _any_autocast()
+                and not torch._C._get_tracing_state()):
             # the compiled node, forward and backward; it pools the input itself unless another
             # filtered conv already did (the copy shared as in _shared_pooled_input)
             grad_on = torch.is_grad_enabled()
