@@ -645,10 +645,11 @@ class _NodePlan(NamedTuple):
 # Each conv's plan for the compiled CPU node (csrc/filtered_conv.cpp), or _NO_NODE where
 # the node never takes it, by the arguments that decide that. Every training step repeats
 # the same calls, and a call that finds its plan here goes to the node at once, without
-# the argument checks, the geometry lookup or the statistics' arithmetic. Between two convs (whose data push Python's own out of the caches) each Python
-# call costs microseconds; in a filtered layer's forward they came to about 0.1 ms
-# (docs/benchmarks-history.md, attempt 9). Bounded: cleared when full (inputs of ever new
-# sizes).
+# the argument checks, the geometry lookup or the statistics' arithmetic. Between two
+# convs (whose data push Python's own out of the caches) each Python call costs
+# microseconds; in a filtered layer's forward they came to about 0.1 ms
+# (docs/benchmarks-history.md, attempt 9). Bounded: cleared when full (inputs of ever
+# new sizes).
 _NODE_PLANS: dict[tuple[Any, ...], _NodePlan] = {}
 _MAX_NODE_PLANS = 4096
 _NO_NODE = _NodePlan((), (), 0.0, ())
