@@ -640,6 +640,9 @@ class _NodePlan(NamedTuple):
     grid: tuple[int, ...]  # see _Geometry.grid
     scale: float  # the stride correction, or 1
     counts: tuple[tuple[int, int, int, int], ...]  # _filter_counts, at 2 * need_x + need_w
+    # whether the node runs lightning_gf's own depthwise conv (csrc/depthwise_conv.cpp): None
+    # until the first call in the node has checked that it gives PyTorch's bits
+    own_conv: Optional[bool] = False
 
 
 # Each conv's plan for the compiled CPU node (csrc/filtered_conv.cpp), or _NO_NODE where
@@ -669,7 +672,26 @@ def _node_plan(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dil
     scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
     counts = tuple(_filter_counts(x, weight.shape, geometry, r, need_x, need_w)
                    for need_x in (False, True) for need_w in (False, True))
-    return _NodePlan(geometry.conv, geometry.grid, scale, counts)
+    own_conv = None if x.dtype == torch.float32 and groups == x.shape[1] == weight.shape[0] else False
+    return _NodePlan(geometry.conv, geometry.grid, scale, counts, own_conv)
+
+
+def _own_depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv: tuple[int, ...],
+                          groups: int) -> Tensor:
+    """What the node's forward computes with ``own_conv`` (``csrc/depthwise_conv.cpp`` where it
+    takes the conv, else PyTorch's conv), without autograd."""
+    return torch.ops.lightning_gf_cpu.depthwise_conv2d(x, weight, bias, list(conv), groups)
+
+
+def _own_conv_agrees(x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: _NodePlan, stride: IntPair,
+                     padding: Padding, dilation: IntPair, groups: int) -> bool:
+    """Whether the node's own depthwise conv gives PyTorch's conv bit for bit on this input.
+    It adds in the order of oneDNN's depthwise kernel, which PyTorch's CPU conv runs; a
+    PyTorch built or set otherwise may add in another. Asked once per conv, on its first call
+    in the node (an input holding NaN fails it: PyTorch's conv stays)."""
+    with torch.no_grad():
+        own = _own_depthwise_conv2d(x, weight, bias, plan.conv, groups)
+        return torch.equal(own, F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
 @functools.cache
@@ -732,7 +754,8 @@ def filtered_conv2d(
         try:
             key: Optional[tuple[Any, ...]] = (
                 input.shape, input.dtype, weight.shape, stride, padding, dilation, groups, r, stride_correction,
-                type(stride), type(padding), type(dilation), type(groups))  # types: True is 1 to a dict
+                type(stride), type(padding), type(dilation), type(groups),  # types: True is 1 to a dict
+                torch._C._get_mkldnn_enabled())  # which conv PyTorch runs (see _own_conv_agrees)
             plan = _NODE_PLANS.get(key)
         except TypeError:  # a list among the arguments: no key
             key, plan = None, None
@@ -750,8 +773,14 @@ def filtered_conv2d(
             need_w = grad_on and weight.requires_grad
             reads = _reads_of(input) if need_w else None
             pooled = None if reads is None else reads.get(plan.grid)
+            if plan.own_conv is None:  # a depthwise conv's first call in the node
+                own = key is not None and _own_conv_agrees(input, weight, bias, plan, stride, padding, dilation,
+                                                           groups)
+                plan = plan._replace(own_conv=own)
+                if key is not None:
+                    _NODE_PLANS[key] = plan
             y, kept = _cpu_node_op()(input, weight, bias, pooled, plan.conv, groups, plan.grid, plan.scale, need_w,
-                                     _NO_DOUBLE_BACKWARD)
+                                     plan.own_conv, _NO_DOUBLE_BACKWARD)
             if reads is not None and pooled is None:
                 reads[plan.grid] = kept
             if _stats is not None:

@@ -141,7 +141,7 @@ def test_node_runs_under_no_grad_and_inference_mode():
 
 def _plan_key(x, w, stride=1, padding=0, dilation=1, groups=1, r=2, stride_correction=True):
     return (x.shape, x.dtype, w.shape, stride, padding, dilation, groups, r, stride_correction,
-            type(stride), type(padding), type(dilation), type(groups))
+            type(stride), type(padding), type(dilation), type(groups), torch.backends.mkldnn.enabled)
 
 
 def _counts(stats):

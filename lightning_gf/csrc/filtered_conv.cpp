@@ -1,9 +1,10 @@
 // The filtered conv as one C++ autograd node, for CPU convs that filtered_backward takes
 // (dense or depthwise, taps that collapse, NCHW maps): the forward pools the input and
-// runs the conv, the backward is filtered_backward, with no Python on either side. On
-// small maps the Python of an autograd.Function (its own call, saving, the steps around
-// it) took about a fifth of the filtered layer's time, forward and backward: between
-// two convs, Python's own code and data come back cold from memory.
+// runs the conv (PyTorch's, or DepthwiseConv on each plane as pooling reads it), the
+// backward is filtered_backward, with no Python on either side. On small maps the Python
+// of an autograd.Function (its own call, saving, the steps around it) took about a fifth
+// of the filtered layer's time, forward and backward: between two convs, Python's own
+// code and data come back cold from memory.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "depthwise_conv.h"
 #include "patch_kernels.h"
 
 namespace lightning_gf {
@@ -36,31 +38,49 @@ struct RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackw
   }
 };
 
-// y = conv2d(x, weight, bias); backward: filtered_backward from the kept patch sums
-// `pooled` (absent when the weight needs no gradient). conv: stride, padding and
-// dilation, two numbers each; grid: as filtered_backward takes it. Absent tensors get
-// no autograd edge: x, weight, then bias when given.
+// y = conv2d(x, weight, bias); backward: filtered_backward from the patch sums of x
+// (absent when the weight needs no gradient): `pooled` when given (another filtered conv
+// made them), else made here when `pool`. With `own_conv`, a conv that DepthwiseConv takes
+// runs there, each plane right after pooling has read it. conv: stride, padding and
+// dilation, two numbers each; grid: as filtered_backward takes it. Returns (y, the patch
+// sums made here or an empty tensor). Absent tensors get no autograd edge: x, weight, then
+// bias when given.
 struct FilteredConv2d : public torch::autograd::Function<FilteredConv2d> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pooled,
-                            at::IntArrayRef conv, int64_t groups, at::IntArrayRef grid, double scale,
-                            const std::string& no_double_backward) {
-    at::Tensor y = at::conv2d(x, weight, bias, conv.slice(0, 2), conv.slice(2, 2), conv.slice(4, 2), groups);
-    ctx->save_for_backward({pooled.value_or(at::Tensor()), weight});
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pooled,
+                               at::IntArrayRef conv, int64_t groups, at::IntArrayRef grid, double scale, bool pool,
+                               bool own_conv, const std::string& no_double_backward) {
+    at::Tensor made, y;
+    const bool make = pool && !pooled.has_value();
+    if (own_conv && DepthwiseConv::takes(x, weight, bias, conv, groups)) {
+      const DepthwiseConv depthwise(x, weight, bias, conv);
+      if (make)
+        made = std::get<0>(patch_pool_visiting(x, grid[3], grid[8], grid[4], grid[9], grid[2], grid[7], false, false,
+                                               [&](int64_t plane) { depthwise.run_plane(plane); }));
+      else
+        depthwise.run_all();
+      y = depthwise.output();
+    } else {
+      if (make) made = std::get<0>(patch_pool(x, grid[3], grid[8], grid[4], grid[9], grid[2], grid[7], false, false));
+      y = at::conv2d(x, weight, bias, conv.slice(0, 2), conv.slice(2, 2), conv.slice(4, 2), groups);
+    }
+    ctx->save_for_backward({make ? made : pooled.value_or(at::Tensor()), weight});
     ctx->saved_data["bias"] = bias.has_value();
     ctx->saved_data["grid"] = grid.vec();
     ctx->saved_data["x"] = std::vector<int64_t>{x.size(2), x.size(3), static_cast<int64_t>(x.scalar_type())};
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["message"] = no_double_backward;
-    return y;
+    if (!made.defined()) made = at::empty({0}, x.options());
+    ctx->mark_non_differentiable({made});
+    return {y, made};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool create_graph = at::GradMode::is_enabled();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    variable_list result(9);  // one per argument of forward
+    variable_list result(11);  // one per argument of forward
     {
       at::AutoGradMode no_grad(false);  // computed once, never differentiated (see below)
       const variable_list saved = ctx->get_saved_variables();
@@ -85,33 +105,44 @@ struct FilteredConv2d : public torch::autograd::Function<FilteredConv2d> {
 
 namespace {
 
-// (y, pooled): y from the autograd node above; pooled is `pooled` when given, else the
-// patch sums of x when `pool` (the weight needs a gradient), else an empty tensor.
+// (y, pooled): y from the autograd node above; pooled: the patch sums of x made here
+// (when `pool`, the weight needs a gradient, and none were given), else an empty tensor.
 std::tuple<at::Tensor, at::Tensor> filtered_conv2d(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& pooled, at::IntArrayRef conv,
                                                    int64_t groups, at::IntArrayRef grid, double scale, bool pool,
-                                                   c10::string_view no_double_backward) {
+                                                   bool own_conv, c10::string_view no_double_backward) {
   TORCH_CHECK(conv.size() == 6, "lightning_gf: conv takes stride, padding and dilation, two numbers each");
   TORCH_CHECK(grid.size() == 10, "lightning_gf: grid takes 5 numbers per axis");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "lightning_gf: filtered_conv2d takes a contiguous NCHW input");
-  at::Tensor kept = pooled.value_or(at::Tensor());
-  if (pool && !kept.defined()) {
-    at::AutoGradMode no_grad(false);  // no gradient flows through patch sums
-    kept = std::get<0>(patch_pool(x, grid[3], grid[8], grid[4], grid[9], grid[2], grid[7], false, false));
-  }
-  at::Tensor y = FilteredConv2d::apply(x, weight, bias, kept.defined() ? std::optional<at::Tensor>(kept) : std::nullopt,
-                                     conv, groups, grid, scale, std::string(no_double_backward));
-  return {y, kept.defined() ? kept : at::empty({0}, x.options())};
+  const variable_list out = FilteredConv2d::apply(x, weight, bias, pooled, conv, groups, grid, scale, pool, own_conv,
+                                                  std::string(no_double_backward));
+  return {out[0], out[1]};
+}
+
+// PyTorch's own conv or DepthwiseConv, without autograd: what filtered_conv2d's forward
+// computes with `own_conv`, for its check against PyTorch's conv (see functional.py).
+at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef conv, int64_t groups) {
+  TORCH_CHECK(conv.size() == 6, "lightning_gf: conv takes stride, padding and dilation, two numbers each");
+  at::AutoGradMode no_grad(false);
+  if (!DepthwiseConv::takes(x, weight, bias, conv, groups))
+    return at::conv2d(x, weight, bias, conv.slice(0, 2), conv.slice(2, 2), conv.slice(4, 2), groups);
+  const DepthwiseConv depthwise(x, weight, bias, conv);
+  depthwise.run_all();
+  return depthwise.output();
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lightning_gf_cpu, m) {
   m.def("filtered_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? pooled, int[] conv, int groups, "
-        "int[] grid, float scale, bool pool, str no_double_backward) -> (Tensor, Tensor)");
+        "int[] grid, float scale, bool pool, bool own_conv, str no_double_backward) -> (Tensor, Tensor)");
+  m.def("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] conv, int groups) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_gf_cpu, CompositeImplicitAutograd, m) { m.impl("filtered_conv2d", &filtered_conv2d); }
+
+TORCH_LIBRARY_IMPL(lightning_gf_cpu, CPU, m) { m.impl("depthwise_conv2d", &depthwise_conv2d); }
 
 }  // namespace lightning_gf

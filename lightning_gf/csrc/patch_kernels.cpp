@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -419,10 +420,12 @@ bool pool_narrow(const scalar_t*, int64_t, int64_t, const std::vector<Span>&, in
 
 // Sum of every patch of the grid; when `mean`, divided by the number of its cells inside
 // the map (the mean of its valid cells). Also returns the per-channel total of the map,
-// shape (C,), when `channel_totals` (the exact bias gradient).
-std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t kh, int64_t kw,
-                                              int64_t before_h, int64_t before_w, int64_t ph,
-                                              int64_t pw, bool mean, bool channel_totals) {
+// shape (C,), when `channel_totals` (the exact bias gradient). Calls `after_plane(plane)`,
+// when given, on each plane right after pooling it.
+std::tuple<at::Tensor, at::Tensor> patch_pool_visiting(const at::Tensor& input, int64_t kh, int64_t kw,
+                                                       int64_t before_h, int64_t before_w, int64_t ph, int64_t pw,
+                                                       bool mean, bool channel_totals,
+                                                       const std::function<void(int64_t)>& after_plane) {
   check_map(input, "input");
   TORCH_CHECK(kh >= 1 && kw >= 1 && ph >= 1 && pw >= 1, "lightning_gf: bad patch grid");
   const at::Tensor t = input.contiguous();
@@ -468,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
             total = pool_plane<KW>(map, w, rows, cols, whole_cols, before_w, factor, channel_totals, out,
                                    scratch.data());
           if (totals != nullptr) totals[plane] = total;
+          if (after_plane) after_plane(plane);
         }
       });
     });
@@ -481,6 +485,12 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
     });
   }
   return {out, bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t kh, int64_t kw,
+                                              int64_t before_h, int64_t before_w, int64_t ph,
+                                              int64_t pw, bool mean, bool channel_totals) {
+  return patch_pool_visiting(input, kh, kw, before_h, before_w, ph, pw, mean, channel_totals, {});
 }
 
 namespace {

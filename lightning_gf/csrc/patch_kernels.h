@@ -1,8 +1,9 @@
-// The two entry points of patch_kernels.cpp that filtered_conv.cpp calls directly.
+// The entry points of patch_kernels.cpp that filtered_conv.cpp calls directly.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -14,6 +15,13 @@ namespace lightning_gf {
 std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t kh, int64_t kw, int64_t before_h,
                                               int64_t before_w, int64_t ph, int64_t pw, bool mean,
                                               bool channel_totals);
+
+// patch_pool, calling `after_plane(plane)` (plane = image * C + channel) on each plane
+// right after pooling it, on the thread that pooled it, while the plane is in its cache.
+std::tuple<at::Tensor, at::Tensor> patch_pool_visiting(const at::Tensor& input, int64_t kh, int64_t kw,
+                                                       int64_t before_h, int64_t before_w, int64_t ph, int64_t pw,
+                                                       bool mean, bool channel_totals,
+                                                       const std::function<void(int64_t)>& after_plane);
 
 // The filter's whole backward for dense and depthwise convs whose taps collapse: (g_x,
 // g_w, g_b), an empty tensor for each one not needed. See patch_kernels.cpp.
