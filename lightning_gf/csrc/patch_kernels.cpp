@@ -495,6 +495,82 @@ std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t k
 
 namespace {
 
+#if defined(__AVX2__)
+// patch_spread for float32 maps 8 to 16 cells wide whose grids have at most 8 patches a
+// row (14x14 maps at r = 2 and 4): each patch row is made once in registers (its patch
+// values permuted onto their columns, the columns outside the grid masked to zero) and
+// stored whole on every row of the patch, plane after plane. Where a row's last register
+// ends past the row, its lanes past the row land on the next rows, which are stored
+// afterwards; past the plane only the row's own cells are copied. Measured against the
+// paths below, 8x256x14x14 at r = 4 (the indexed path): 0.13 against 0.18 ms in a loop,
+// 0.21 against 0.49 ms between the backward's other steps; at r = 2 (the row path) 0.16
+// against 0.20 ms. On 7x7 maps (0.28 against 0.19 ms) and 28x28 maps (0.19 against
+// 0.17 ms) the other paths stay faster.
+constexpr int64_t kSpreadNarrowMin = 8;
+constexpr int64_t kSpreadNarrowMax = 16;
+// Returns false (nothing done) where it does not take the map.
+bool spread_narrow(const float* src, int64_t stride_n, int64_t stride_c, float* dst, int64_t n, int64_t c, int64_t h,
+                   int64_t w, const std::vector<Span>& rows, const std::vector<Span>& cols, float factor) {
+  const int64_t ph = static_cast<int64_t>(rows.size()), pw = static_cast<int64_t>(cols.size());
+  if (w < kSpreadNarrowMin || w > kSpreadNarrowMax || pw > 8) return false;
+  const int64_t registers = (w + 7) / 8;
+  alignas(32) int32_t index[16], keep[16], first[8];
+  for (int64_t cell = 0; cell < 16; ++cell) {
+    index[cell] = 0, keep[cell] = 0;
+    for (int64_t q = 0; q < pw && cell < w; ++q)
+      if (cell >= cols[q].begin && cell < cols[q].end) index[cell] = static_cast<int32_t>(q), keep[cell] = -1;
+  }
+  for (int64_t lane = 0; lane < 8; ++lane) first[lane] = lane < pw ? -1 : 0;
+  __m256i lanes[2], masks[2];
+  for (int64_t v = 0; v < registers; ++v) {
+    lanes[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(index + 8 * v));
+    masks[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(keep + 8 * v));
+  }
+  const __m256i patch_row = _mm256_load_si256(reinterpret_cast<const __m256i*>(first));
+  const __m256 scale = _mm256_set1_ps(factor);
+  const int64_t plane_cells = h * w;
+  at::parallel_for(0, n * c, plane_grain(plane_cells), [&](int64_t begin, int64_t end) {
+    PlaneIndex at(begin, c);
+    for (int64_t plane = begin; plane < end; ++plane, at.next()) {
+      const float* patches = src + at.image * stride_n + at.channel * stride_c;
+      float* map = dst + plane * plane_cells;
+      const auto store_row = [&](int64_t i, const __m256 (&row)[2]) {
+        for (int64_t v = 0; v < registers; ++v) {
+          const int64_t start = i * w + 8 * v;
+          if (start + 8 <= plane_cells) {
+            _mm256_storeu_ps(map + start, row[v]);
+          } else {
+            alignas(32) float cells[8];
+            _mm256_store_ps(cells, row[v]);
+            std::copy(cells, cells + (plane_cells - start), map + start);
+          }
+        }
+      };
+      const __m256 zeros[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t covered = 0;  // rows stored so far, in order (see above)
+      for (int64_t p = 0; p < ph; ++p) {
+        if (rows[p].end <= rows[p].begin) continue;
+        for (; covered < rows[p].begin; ++covered) store_row(covered, zeros);  // rows before the grid
+        const __m256 values = _mm256_mul_ps(_mm256_maskload_ps(patches + p * pw, patch_row), scale);
+        __m256 row[2];
+        for (int64_t v = 0; v < registers; ++v)
+          row[v] = _mm256_and_ps(_mm256_permutevar8x32_ps(values, lanes[v]), _mm256_castsi256_ps(masks[v]));
+        for (; covered < rows[p].end; ++covered) store_row(covered, row);
+      }
+      for (; covered < h; ++covered) store_row(covered, zeros);  // rows after the grid
+    }
+  });
+  return true;
+}
+#endif
+
+// Other dtypes, or without AVX2: never taken.
+template <typename acc_t, typename scalar_t>
+bool spread_narrow(const acc_t*, int64_t, int64_t, scalar_t*, int64_t, int64_t, int64_t, int64_t,
+                   const std::vector<Span>&, const std::vector<Span>&, acc_t) {
+  return false;
+}
+
 // A map of `size` (N, C, H, W), dtype `dtype`: each cell gets `scale` times the value of
 // the patch it falls in (zero outside the grid).
 at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t kh, int64_t kw,
@@ -516,6 +592,7 @@ at::Tensor patch_spread(const at::Tensor& low_in, int64_t h, int64_t w, int64_t 
     const int64_t stride_n = values.stride(0), stride_c = values.stride(1);
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const bool tiled = before_h == 0 && before_w == 0 && ph * kh == h && pw * kw == w;
+    if (spread_narrow(src, stride_n, stride_c, dst, n, c, h, w, rows, cols, factor)) return;
     if (h * w <= kSmallPlane && !tiled) {  // small maps cut by the grid: one indexed pass per plane
       const std::vector<int64_t> patch_of = patch_index(rows, cols, h, w);
       const int64_t slots = ph * pw + 1;  // the last slot holds the zero of cells outside the grid
