@@ -143,6 +143,9 @@ includes pooling the input on every call (the pooled copy the filter caches on a
 tensor for parallel branches is dropped before each call, as each training step brings
 a new input). Filtered runs use the compiled CPU kernels
 ({_kernels_line()}; see [usage.md](usage.md#compiled-cpu-kernels-lightning_gfcpu_kernels)).
+With them the depthwise layers' filtered forward runs lightning_gf's own depthwise conv,
+fused with the pooling, whose output is PyTorch's bit for bit; the vanilla column is
+PyTorch's conv.
 
 {paper}
 
