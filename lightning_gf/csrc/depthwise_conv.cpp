@@ -1,9 +1,11 @@
 // lightning_gf's own depthwise conv: see depthwise_conv.h. Output rows are made eight
-// columns at a time, four rows side by side (four independent chains of multiply-adds),
-// straight from the input plane: a tap's lanes that fall left or right of the map are
-// masked to zero, its rows above or below the map read a row of zeros. (A zero-padded copy
-// of each plane cost more than the conv on 7x7 maps: every load of the copy straddled two
-// of the stores that had just made it.)
+// columns at a time straight from the input plane: a tap's lanes that fall left or right
+// of the map are masked to zero, its rows above or below the map read a row of zeros. Maps
+// up to kStripMaxWidth wide with 3x3 kernels go down strips of eight columns, each input
+// row loaded once for the three output rows that read it; wider maps go in blocks of four
+// rows side by side (four independent chains of multiply-adds). (A zero-padded copy of
+// each plane cost more than the conv on 7x7 maps: every load of the copy straddled two of
+// the stores that had just made it.)
 
 #include "depthwise_conv.h"
 
@@ -28,8 +30,6 @@ constexpr int kRows = 4;       // output rows made side by side
 constexpr int64_t kMaxPadding = 4;
 constexpr int64_t kBandRows = 16;  // output rows per band of convolve_strip3
 constexpr int64_t kStripMaxWidth = 16;  // wider maps: convolve_block (faster from 28 columns, measured)
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 #if LIGHTNING_GF_OWN_DEPTHWISE
 // One plane's conv: where it reads and writes, and the geometry.
