@@ -3,6 +3,7 @@ same bits on every shape, and the filtered node uses it only after checking that
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -170,3 +171,22 @@ def test_parallel_readers_share_the_pooled_input_with_the_own_conv(monkeypatch):
     assert torch.equal(y2, F.conv2d(x, w2, padding=2, groups=8))
     pooled = [t for t in kept if t.shape == (2, 8, 5, 5)]
     assert len(pooled) == 2 and pooled[0].data_ptr() == pooled[1].data_ptr()
+
+
+def test_a_filtered_mobilenet_gives_the_plain_models_output(monkeypatch):
+    """timm's mobilenetv2 with its last blocks filtered (depthwise 3x3 convs on 7x7 maps
+    among them) trains with the plain model's forward, bit for bit."""
+    timm = pytest.importorskip("timm")
+    from lightning_gf import apply_gradient_filter
+
+    monkeypatch.setattr(functional, "_NODE_PLANS", {})
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=4)
+    x = torch.randn(2, 3, 96, 96)
+    plain = copy.deepcopy(model).eval()  # BatchNorm in eval mode, as bn_eval keeps it
+    apply_gradient_filter(model, r=2, depth=6, example_input=x)
+    model.train()
+    y = model(x)
+    assert y.requires_grad
+    assert torch.equal(y, plain(x))
+    assert any(plan.own_conv for plan in functional._NODE_PLANS.values())
