@@ -504,8 +504,8 @@ namespace {
 // afterwards; past the plane only the row's own cells are copied. Measured against the
 // paths below, 8x256x14x14 at r = 4 (the indexed path): 0.10 against 0.16-0.18 ms in a
 // loop, 0.21 against 0.49 ms between the backward's other steps; at r = 2 (the row path)
-// 0.13 against 0.18-0.20 ms. On 7x7 maps (0.28 against 0.19 ms) and 28x28 maps (0.19 against
-// 0.17 ms) the other paths stay faster.
+// 0.13 against 0.18-0.20 ms. On 7x7 maps (0.28 against 0.19 ms) and 28x28 maps (0.19
+// against 0.17 ms) the other paths stay faster.
 constexpr int64_t kSpreadNarrowMin = 8;
 constexpr int64_t kSpreadNarrowMax = 16;
 // Returns false (nothing done) where it does not take the map.
