@@ -640,8 +640,9 @@ class _NodePlan(NamedTuple):
     grid: tuple[int, ...]  # see _Geometry.grid
     scale: float  # the stride correction, or 1
     counts: tuple[tuple[int, int, int, int], ...]  # _filter_counts, at 2 * need_x + need_w
-    # whether the node runs lightning_gf's own depthwise conv (csrc/depthwise_conv.cpp): None
-    # until the first call in the node has checked that it gives PyTorch's bits
+    # whether the node asks for lightning_gf's own depthwise conv (csrc/depthwise_conv.cpp),
+    # which runs the convs it takes: None until the first call in the node has checked that
+    # it gives PyTorch's bits
     own_conv: Optional[bool] = False
 
 

@@ -8,6 +8,8 @@
 // the stores that had just made it.)
 
 #include "depthwise_conv.h"
+#include "patch_kernels.h"
+#include "plane_store.h"
 
 #include <ATen/Parallel.h>
 
@@ -80,21 +82,8 @@ LIGHTNING_GF_INLINE void convolve_chunk(const PlaneConv& p, const float* const (
           acc[r] = _mm256_fmadd_ps(taps[kh * K + kw], _mm256_maskload_ps(src[kh][r] + j + kw * p.dil_w, mask), acc[r]);
       }
   }
-  // A chunk that ends past the row stores all eight lanes where they stay inside the
-  // plane: the lanes past the row land on later rows, which convolve_block writes
-  // afterwards. Past the plane, only the row's own lanes are copied (a masked store is
-  // much slower than a plain one on some CPUs).
-  const int64_t plane_end = p.out_h * p.out_w;
-  for (int r = 0; r < R; ++r) {
-    const int64_t start = (i + r) * p.out_w + j;
-    if (start + kLanes <= plane_end) {
-      _mm256_storeu_ps(p.y + start, acc[r]);
-    } else {
-      alignas(32) float lanes[kLanes];
-      _mm256_store_ps(lanes, acc[r]);
-      std::copy(lanes, lanes + (plane_end - start), p.y + start);
-    }
-  }
+  // lanes past the row land on later rows, which convolve_block writes afterwards
+  for (int r = 0; r < R; ++r) store_inside_plane(p.y, p.out_h * p.out_w, (i + r) * p.out_w + j, acc[r]);
 }
 
 // Output rows [i, i + R), every chunk.
@@ -143,21 +132,13 @@ void convolve_strip3(const PlaneConv& p, const __m256 (&taps)[9], __m256 bias, i
   __m256 top[3], middle[3], bottom[3];
   load_views(p, first - p.pad_h, j, inside, mask, top);
   load_views(p, first + 1 - p.pad_h, j, inside, mask, middle);
-  const int64_t plane_end = p.out_h * p.out_w;
   for (int64_t i = first; i < last; ++i) {
     load_views(p, i + 2 - p.pad_h, j, inside, mask, bottom);
     __m256 acc = bias;
     for (int kw = 0; kw < 3; ++kw) acc = _mm256_fmadd_ps(taps[kw], top[kw], acc);
     for (int kw = 0; kw < 3; ++kw) acc = _mm256_fmadd_ps(taps[3 + kw], middle[kw], acc);
     for (int kw = 0; kw < 3; ++kw) acc = _mm256_fmadd_ps(taps[6 + kw], bottom[kw], acc);
-    const int64_t start = i * p.out_w + j;
-    if (start + kLanes <= plane_end) {  // see convolve_chunk
-      _mm256_storeu_ps(p.y + start, acc);
-    } else {
-      alignas(32) float lanes[kLanes];
-      _mm256_store_ps(lanes, acc);
-      std::copy(lanes, lanes + (plane_end - start), p.y + start);
-    }
+    store_inside_plane(p.y, p.out_h * p.out_w, i * p.out_w + j, acc);  // see convolve_chunk
     for (int kw = 0; kw < 3; ++kw) top[kw] = middle[kw], middle[kw] = bottom[kw];
   }
 }
@@ -272,8 +253,8 @@ void DepthwiseConv::run_plane(int64_t plane) const {
 }
 
 void DepthwiseConv::run_all() const {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(h_ * w_, 1));
-  at::parallel_for(0, planes_, grain, [&](int64_t first, int64_t last) {
+  // split as pooling splits them, so the conv alone and the conv with pooling run alike
+  at::parallel_for(0, planes_, pool_plane_grain(h_ * w_), [&](int64_t first, int64_t last) {
     for (int64_t plane = first; plane < last; ++plane) run_plane(plane);
   });
 }

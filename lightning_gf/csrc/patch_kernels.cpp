@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "patch_kernels.h"
+#include "plane_store.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -456,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_visiting(const at::Tensor& input, 
       constexpr int KW = decltype(width)::value;
       const NarrowMasks masks(w, before_w, pw, kw);
       const scalar_t* end = src + n * c * h * w;
-      at::parallel_for(0, n * c, plane_grain(h * w, kPoolTaskCells), [&](int64_t first, int64_t last) {
+      at::parallel_for(0, n * c, pool_plane_grain(h * w), [&](int64_t first, int64_t last) {
         std::vector<acc_t> scratch(ph * std::max<int64_t>(w, kNarrowScratch));
         const bool prefetch = worth_prefetching<acc_t>(ph * pw);
         PlaneIndex at(first, c), ahead(first + kPrefetchPlanes, c);
@@ -487,6 +488,8 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_visiting(const at::Tensor& input, 
   return {out, bias};
 }
 
+int64_t pool_plane_grain(int64_t cells) { return plane_grain(cells, kPoolTaskCells); }
+
 std::tuple<at::Tensor, at::Tensor> patch_pool(const at::Tensor& input, int64_t kh, int64_t kw,
                                               int64_t before_h, int64_t before_w, int64_t ph,
                                               int64_t pw, bool mean, bool channel_totals) {
@@ -501,11 +504,11 @@ namespace {
 // values permuted onto their columns, the columns outside the grid masked to zero) and
 // stored whole on every row of the patch, plane after plane. Where a row's last register
 // ends past the row, its lanes past the row land on the next rows, which are stored
-// afterwards; past the plane only the row's own cells are copied. Measured against the
-// paths below, 8x256x14x14 at r = 4 (the indexed path): 0.10 against 0.16-0.18 ms in a
-// loop, 0.21 against 0.49 ms between the backward's other steps; at r = 2 (the row path)
-// 0.13 against 0.18-0.20 ms. On 7x7 maps (0.28 against 0.19 ms) and 28x28 maps (0.19
-// against 0.17 ms) the other paths stay faster.
+// afterwards (store_inside_plane). Measured against the paths below, 8x256x14x14 at r = 4
+// (the indexed path): 0.10 against 0.16-0.18 ms in a loop, 0.21 against 0.49 ms between
+// the backward's other steps; at r = 2 (the row path) 0.13 against 0.18-0.20 ms. On 7x7
+// maps (0.28 against 0.19 ms) and 28x28 maps (0.19 against 0.17 ms) the other paths stay
+// faster.
 constexpr int64_t kSpreadNarrowMin = 8;
 constexpr int64_t kSpreadNarrowMax = 16;
 // Returns false (nothing done) where it does not take the map.
@@ -535,16 +538,7 @@ bool spread_narrow(const float* src, int64_t stride_n, int64_t stride_c, float* 
       const float* patches = src + at.image * stride_n + at.channel * stride_c;
       float* map = dst + plane * plane_cells;
       const auto store_row = [&](int64_t i, const __m256 (&row)[2]) {
-        for (int64_t v = 0; v < registers; ++v) {
-          const int64_t start = i * w + 8 * v;
-          if (start + 8 <= plane_cells) {
-            _mm256_storeu_ps(map + start, row[v]);
-          } else {
-            alignas(32) float cells[8];
-            _mm256_store_ps(cells, row[v]);
-            std::copy(cells, cells + (plane_cells - start), map + start);
-          }
-        }
+        for (int64_t v = 0; v < registers; ++v) store_inside_plane(map, plane_cells, i * w + 8 * v, row[v]);
       };
       const __m256 zeros[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t covered = 0;  // rows stored so far, in order (see above)

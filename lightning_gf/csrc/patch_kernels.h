@@ -1,4 +1,4 @@
-// The entry points of patch_kernels.cpp that filtered_conv.cpp calls directly.
+// The entry points of patch_kernels.cpp that the other kernel sources call directly.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +22,9 @@ std::tuple<at::Tensor, at::Tensor> patch_pool_visiting(const at::Tensor& input, 
                                                        int64_t before_h, int64_t before_w, int64_t ph, int64_t pw,
                                                        bool mean, bool channel_totals,
                                                        const std::function<void(int64_t)>& after_plane);
+
+// Planes of `cells` cells per task of patch_pool's parallel loop.
+int64_t pool_plane_grain(int64_t cells);
 
 // The filter's whole backward for dense and depthwise convs whose taps collapse: (g_x,
 // g_w, g_b), an empty tensor for each one not needed. See patch_kernels.cpp.
