@@ -130,6 +130,7 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
         >>> pool_patches(torch.ones(1, 1, 4, 4), g, g, on_input=True).flatten().tolist()
         [4.0, 4.0, 4.0, 4.0]
     """
+    t = t.detach()  # no gradient flows through patch sums: nothing here may enter the autograd graph
     if on_input:
         size_h, size_w = grid_h.in_patch, grid_w.in_patch
         before_h, after_h, before_w, after_w = grid_h.in_before, grid_h.in_after, grid_w.in_before, grid_w.in_after
@@ -137,16 +138,16 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
     if _use_kernels(t):  # any map size: one call (small maps in registers, see patch_kernels.cpp)
-        return torch.ops.lightning_gf_cpu.patch_pool(  # no gradient flows through patch sums
-            t.detach(), size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
+        return torch.ops.lightning_gf_cpu.patch_pool(
+            t, size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
         )[0]
     target = pooled_dtype(t)
-    if _use_triton(t):  # no gradient flows through patch sums
-        return triton_kernels.patch_pool(t.detach(), size_h, size_w, before_h, before_w, grid_h.patches,
+    if _use_triton(t):
+        return triton_kernels.patch_pool(t, size_h, size_w, before_h, before_w, grid_h.patches,
                                          grid_w.patches, mean=False, total=False, out_dtype=target)[0]
     if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
             memory_format=torch.channels_last):
-        sums = small_maps.pool_small(t.detach().to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
+        sums = small_maps.pool_small(t.to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
         return sums.to(target)
     t = t.to(_accumulation_dtype(t.dtype))
     pads = (before_w, after_w, before_h, after_h)
