@@ -4,12 +4,14 @@ time, step time and loss. Used by the demo; works in any ``pytorch_lightning`` f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from lightning_gf.saved_tensors import SavedTensorMeter
 
 _MIB = 2**20
 
@@ -18,7 +20,7 @@ _MIB = 2**20
 class StepRecord:
     """One training step: ``kept_mb`` is the size of every tensor autograd kept for backward
     (unique storages, parameters left out), read off the real tensors; ``gf_activation_mb``
-    what the gradient-filter's layers kept (as the callback's ``gf/activation_mb``)."""
+    what the gradient filter's conv layers themselves kept, measured the same way."""
 
     loss: float
     kept_mb: float
@@ -29,7 +31,8 @@ class StepRecord:
 
 @dataclass
 class _Pending:
-    storages: dict[int, int] = field(default_factory=dict)
+    meter: SavedTensorMeter
+    filtered: bool
     start: float = 0.0
     backward_start: float = 0.0
     backward_s: float = 0.0
@@ -38,9 +41,10 @@ class _Pending:
 class StepProfiler(pl.Callback):
     """Records a :class:`StepRecord` per training step in ``self.steps``.
 
-    The memory is measured with ``torch.autograd.graph.saved_tensors_hooks`` around the
-    forward: every tensor saved for backward counts once per storage; parameters count
-    zero (they are kept anyway). Times are wall-clock (``time.perf_counter``).
+    The memory is measured with :class:`lightning_gf.saved_tensors.SavedTensorMeter`
+    around the forward: every tensor saved for backward counts once per storage;
+    parameters count zero (they are kept anyway). Times are wall-clock
+    (``time.perf_counter``).
 
     Example:
         >>> profiler = StepProfiler()
@@ -51,30 +55,21 @@ class StepProfiler(pl.Callback):
     def __init__(self) -> None:
         self.steps: list[StepRecord] = []
         self._pending: Optional[_Pending] = None
-        self._hooks: Any = None
-        self._params: set[int] = set()
-
-    def _pack(self, t: Tensor) -> Tensor:
-        if self._pending is not None:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in self._params:
-                self._pending.storages[ptr] = storage.nbytes()
-        return t.detach()  # not t itself (see lightning_gf.saved_tensors.SavedTensorMeter._pack)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
-        self._pending = _Pending(start=time.perf_counter())
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
+        handles = [cb.handle for cb in trainer.callbacks if getattr(cb, "handle", None) is not None]
+        layers = [(f"{i}.{layer.name}", layer.module) for i, h in enumerate(handles) for layer in h.layers]
+        meter = SavedTensorMeter(layers)
+        meter.skip_parameters_of(pl_module)
+        self._pending = _Pending(meter=meter, filtered=bool(handles), start=time.perf_counter())
+        meter.__enter__()
 
-    def _close_hooks(self) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
+    def _close_meter(self) -> None:
+        if self._pending is not None:
+            self._pending.meter.close()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._close_hooks()
+        self._close_meter()
         if self._pending is not None:
             self._pending.backward_start = time.perf_counter()
 
@@ -85,20 +80,21 @@ class StepProfiler(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._close_hooks()
+        self._close_meter()
         pending, self._pending = self._pending, None
         if pending is None:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        filters = [cb.handle for cb in trainer.callbacks if getattr(cb, "handle", None) is not None]
-        gf = sum(h.stats.kept_bytes for h in filters) / _MIB if filters else None
         self.steps.append(StepRecord(
             loss=float(loss),
-            kept_mb=sum(pending.storages.values()) / _MIB,
+            kept_mb=pending.meter.total_bytes / _MIB,
             backward_s=pending.backward_s,
             step_s=time.perf_counter() - pending.start,
-            gf_activation_mb=gf,
+            gf_activation_mb=pending.meter.bytes_in_layers / _MIB if pending.filtered else None,
         ))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close_hooks()
+        self._close_meter()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_meter()
