@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -20,9 +22,18 @@ from lightning_gf.class_swap import is_swapped
 from lightning_gf.frozen_batchnorm import EvalModeMixin
 from lightning_gf.frozen_bn_stats import FrozenBatchNormStats
 from lightning_gf.handle import GradientFilterHandle
+from lightning_gf.saved_tensors import SavedTensorMeter
+from lightning_gf.step_memory import PlainBackpropMemory
 from lightning_gf.surgery import _check_r_value, apply_gradient_filter
+from lightning_gf.tracing import (
+    INPUT_KINDS,
+    ExampleInputError,
+    describe_input,
+    forward_input,
+    model_input_of,  # noqa: F401  (public here before it moved)
+    take_samples,
+)
 
-_INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 _MIB = 2**20
 _SHARDED_STRATEGIES = {
     "FSDPStrategy": "FSDP",
@@ -76,38 +87,16 @@ def _rng_untouched() -> Iterator[None]:
                 np.random.set_state(np_state)
 
 
-def model_input_of(batch: Any) -> Any:
-    """The model input inside a training batch: the batch itself if it is a tensor,
-    its first element if it is a tuple or list, else a tensor under a usual key."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return model_input_of(batch[0])
-    if isinstance(batch, Mapping):
-        for key in _INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-        for value in batch.values():
-            if isinstance(value, Tensor):
-                return value
-    raise ValueError(
-        f"cannot find the model input in a training batch of type {type(batch).__name__}: "
-        "set `example_input_array` on your LightningModule"
-    )
-
-
-def _first_training_input(trainer: Any, pl_module: nn.Module) -> Any:
+def _first_training_batch(trainer: Any, pl_module: nn.Module) -> Any:
+    """The first sample of the first training batch, on the module's device (None without a loader)."""
     source = getattr(trainer.fit_loop, "_data_source", None)
     if source is None or not source.is_defined():
         return None
     with _rng_untouched():
         loader = source.dataloader()
         batch = next(iter(loader))
-    x = model_input_of(batch)
-    if isinstance(x, Tensor):
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        x = x[:1].to(device)
-    return x
+    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+    return apply_to_collection(take_samples(batch, 1), Tensor, lambda t: t.to(device))
 
 
 class GradientFilterCallbackBase:
@@ -117,10 +106,19 @@ class GradientFilterCallbackBase:
     ``pl_module.example_input_array`` or else the first training batch, and removed
     in ``teardown``. A module that builds its layers in ``configure_model`` gets that
     hook called first (Lightning requires it to be idempotent). FSDP, DeepSpeed and
-    ``ModelParallelStrategy`` are refused with a clear error. Every training step logs ``gf/activation_mb``,
-    ``gf/activation_mb_vanilla``, ``gf/memory_saved_mb`` (MiB, read off the tensors
-    kept for backward), ``gf/backward_gflops_saved`` (analytic) and, on CUDA,
-    ``gf/peak_mb`` (the step's ``torch.cuda.max_memory_allocated``, MiB).
+    ``ModelParallelStrategy`` are refused with a clear error. Every training step logs, in MiB:
+
+    - ``gf/activation_mb``: what the step's autograd graph keeps for backward, measured
+      (every tensor saved between the batch's start and its backward, one count per
+      storage, parameters and buffers left out);
+    - ``gf/activation_mb_vanilla``: what plain backprop with the same trainable set would
+      keep for the same batch: the step's figure plus the difference of two forwards,
+      plain and filtered, measured on 2 and 3 samples of the batch (once per input
+      shape) and extended linearly to the batch's size (see :mod:`lightning_gf.step_memory`);
+    - ``gf/memory_saved_mb``: their difference;
+
+    and ``gf/backward_gflops_saved`` (analytic) and, on CUDA, ``gf/peak_mb`` (the step's
+    ``torch.cuda.max_memory_allocated``).
 
     Args are those of :func:`lightning_gf.apply_gradient_filter`, plus
     ``log_memory`` (turn the per-step metrics off) and ``fidelity_every_n_steps``
@@ -174,6 +172,10 @@ class GradientFilterCallbackBase:
         self._fidelity_step = -1
         self.handle: Optional[GradientFilterHandle] = None
         self._bn_stats: Optional[FrozenBatchNormStats] = None
+        self._plain_memory: Optional[PlainBackpropMemory] = None
+        self._input_kind: Optional[str] = None  # how the forward's input comes out of a batch (INPUT_KINDS)
+        self._step_meter: Optional[SavedTensorMeter] = None
+        self._extra_bytes: Optional[int] = None
 
     def config(self) -> dict[str, Any]:
         """The options this callback was built with."""
@@ -196,26 +198,48 @@ class GradientFilterCallbackBase:
             # Lightning calls it right after setup; the layers must exist now, before optimizers and DDP.
             pl_module.configure_model()
         example = pl_module.example_input_array
-        if example is None:
-            example = _first_training_input(trainer, pl_module)
-        if example is None:
+        if example is not None:
+            self.handle = apply_gradient_filter(pl_module, example_input=example, **self.config())
+        else:
+            self.handle, self._input_kind = self._install_from_first_batch(trainer, pl_module)
+        if self.log_memory:
+            self._plain_memory = PlainBackpropMemory(pl_module, self.handle, trainer.precision_plugin.train_step_context)
+        rank_zero_info(f"lightning_gf: {self.handle!r}")
+
+    def _install_from_first_batch(self, trainer: Any, pl_module: Any) -> tuple[GradientFilterHandle, str]:
+        """Install the filter with the first training sample as example input: the tensor
+        ``model_input_of`` finds in it, else the whole batch as the forward's one argument."""
+        batch = _first_training_batch(trainer, pl_module)
+        if batch is None:
             raise ValueError(
                 "GradientFilterCallback needs an example input: set `example_input_array` on the "
                 "LightningModule or give the Trainer a training dataloader"
             )
-        self.handle = apply_gradient_filter(
-            pl_module,
-            self.r,
-            self.depth,
-            example_input=example,
-            freeze=self.freeze,
-            bn_eval=self.bn_eval,
-            include=self.include,
-            exclude=self.exclude,
-            stride_correction=self.stride_correction,
-            lean=self.lean,
+        failures = []
+        for kind in INPUT_KINDS:
+            try:
+                example = forward_input(batch, kind)
+            except ValueError as err:  # no tensor where model_input_of looks
+                failures.append(str(err).split(":")[0])
+                continue
+            with warnings.catch_warnings(record=True) as caught:  # what a forward said on the wrong input is noise
+                warnings.simplefilter("always")
+                try:
+                    handle = apply_gradient_filter(pl_module, example_input=example, **self.config())
+                except ExampleInputError as err:
+                    cause = err.__cause__
+                    failures.append(f"the model's forward failed on {describe_input(example)} "
+                                    f"({type(cause).__name__}: {cause})")
+                    continue
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return handle, kind
+        raise ValueError(
+            "GradientFilterCallback could not derive an example input from the first training batch: "
+            f"{'; '.join(failures)}. Set `example_input_array` on the LightningModule to an input its forward "
+            "accepts (a tensor, a tuple of positional arguments or a dict of keyword arguments), e.g. "
+            "`self.example_input_array = torch.zeros(1, 3, 224, 224)`"
         )
-        rank_zero_info(f"lightning_gf: {self.handle!r}")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.handle is None:
@@ -248,20 +272,59 @@ class GradientFilterCallbackBase:
             self._fidelity_step = step
             result = fidelity_with_handle(pl_module, batch, training_step_loss(batch_idx), self.handle)
             pl_module.log_dict(result.metrics(), on_step=True, on_epoch=False, batch_size=1)
+        if self.log_memory:
+            self._extra_bytes = self._plain_backprop_extra(batch)
         self.handle.reset_stats()
         if self.log_memory:
+            self._step_meter = SavedTensorMeter()
+            self._step_meter.skip_parameters_of(pl_module, buffers=True)
+            self._step_meter.__enter__()
             peak_memory.reset_step_peak(pl_module.device)
 
+    def _plain_backprop_extra(self, batch: Any) -> Optional[int]:
+        """What plain backprop keeps beyond the filter for this batch (measured), or None
+        where the forward's input cannot be found in the batch (said once)."""
+        if self._plain_memory is None:
+            return None
+        kinds = INPUT_KINDS if self._input_kind is None else (self._input_kind,)
+        errors = []
+        for kind in kinds:
+            try:
+                extra = self._plain_memory.extra_bytes(forward_input(batch, kind))
+            except Exception as err:  # the user's forward on an input guessed from the batch
+                errors.append(f"{type(err).__name__}: {err}")
+                continue
+            self._input_kind = kind
+            return extra
+        self._plain_memory = None
+        rank_zero_warn(
+            "GradientFilterCallback logs gf/activation_mb but not gf/activation_mb_vanilla nor gf/memory_saved_mb: "
+            f"the model's forward input could not be found in the training batch ({'; '.join(errors)}). A batch "
+            "whose first element (or 'image' / 'input' entry) is the forward's input, or a forward that takes the "
+            "whole batch, makes them measurable"
+        )
+        return None
+
+    def _close_step_meter(self) -> None:
+        if self._step_meter is not None:
+            self._step_meter.close()
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        self._close_step_meter()  # what the step's forward kept is what its backward will read
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.handle is None or not self.log_memory:
+        if self.handle is None or not self.log_memory or self._step_meter is None:
             return
+        self._close_step_meter()
+        kept, self._step_meter = self._step_meter.total_bytes, None
         stats = self.handle.stats
         metrics = {
-            "gf/activation_mb": stats.kept_bytes / _MIB,
-            "gf/activation_mb_vanilla": stats.vanilla_bytes / _MIB,
-            "gf/memory_saved_mb": stats.saved_bytes / _MIB,
+            "gf/activation_mb": kept / _MIB,
             "gf/backward_gflops_saved": 2 * (stats.backward_macs_vanilla - stats.backward_macs_filtered) / 1e9,
         }
+        if self._extra_bytes is not None:
+            metrics["gf/activation_mb_vanilla"] = (kept + self._extra_bytes) / _MIB
+            metrics["gf/memory_saved_mb"] = self._extra_bytes / _MIB
         peak = peak_memory.step_peak_mib(pl_module.device)
         if peak is not None:
             metrics["gf/peak_mb"] = peak
@@ -272,8 +335,13 @@ class GradientFilterCallbackBase:
             batch_size=1,
         )
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close_step_meter()
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self.handle is not None:
+            self._close_step_meter()
+            self._step_meter = self._plain_memory = self._input_kind = None
             self.handle.remove()
             self.handle = None
             self._bn_stats = None

@@ -147,8 +147,8 @@ def before_finetuning(cfg: DemoConfig, checkpoint: str) -> float:
 
 def _table(cfg: DemoConfig, results: list[RunResult]) -> str:
     metric = "accuracy" if cfg.task == "classification" else "mIoU"
-    header = (f"| run | {metric} | kept for backward, whole graph (MiB) | kept by the {cfg.depth} trained convs "
-              f"(gf/activation_mb, MiB) | backward (ms) | step (ms) |")
+    header = (f"| run | {metric} | kept for backward, whole graph (gf/activation_mb, MiB) | kept by the "
+              f"{cfg.depth} trained convs (MiB) | backward (ms) | step (ms) |")
     rows = [header, "|---|---|---|---|---|---|"]
     for res in results:
         s = res.summary()
@@ -173,7 +173,7 @@ def _plots(results: list[RunResult], out: str) -> list[str]:
             ax.plot([getattr(s, key) for s in res.steps], color=colour, label=label)
             if key == "kept_mb":
                 ax.plot([s.gf_activation_mb or 0.0 for s in res.steps], color=colour, linestyle="--",
-                        label=f"{res.name}, trained convs (gf/activation_mb)")
+                        label=f"{res.name}, trained convs (measured)")
         if key == "kept_mb":
             ax.set_ylim(bottom=0)
         ax.set_xlabel("training step")

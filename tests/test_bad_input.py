@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_gf import GradientFilterCallback, apply_gradient_filter
+from lightning_gf.tracing import ExampleInputError
 from tests.models import TinyCNN
 
 X = torch.randn(1, 3, 16, 16)
@@ -75,8 +76,10 @@ def test_failing_example_forward_leaves_model_unchanged():
     model = TinyCNN()
     model.train()
     snap = _snapshot(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ExampleInputError, match=r"forward failed on the example input \(a tensor of shape "
+                       r"\(1, 5, 16, 16\)\): RuntimeError") as info:
         apply_gradient_filter(model, r=2, depth=1, example_input=torch.randn(1, 5, 16, 16))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the forward's own error, chained
     _assert_unchanged(model, snap)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
