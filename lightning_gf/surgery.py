@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from lightning_gf.class_swap import is_swapped, swap_class
@@ -64,8 +65,21 @@ def _validate(
             "before installing another"
         )
     conv_names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted and (not conv_names or isinstance(model, torch.jit.ScriptModule)):
+        what = "the model is" if isinstance(model, torch.jit.ScriptModule) else f"its submodules {scripted[:3]} are"
+        raise TypeError(
+            f"TorchScript modules are not supported: {what} torch.jit.script/trace output, whose layers are "
+            "compiled code, not nn.Conv2d modules the filter can patch. Apply the filter to the eager model "
+            "before scripting it, or, for speed, compile the filtered model with torch.compile (supported)"
+        )
     if not conv_names:
         raise ValueError("the model has no nn.Conv2d layer: gradient filtering applies to Conv2d layers only")
+    if scripted:
+        warnings.warn(
+            f"TorchScript submodules are opaque to the gradient filter and train with plain backprop: {scripted[:3]}",
+            stacklevel=3,
+        )
     if isinstance(r, Mapping):
         _check_patterns(list(r), conv_names, "r")
     _check_patterns(include or [], conv_names, "include")
@@ -196,7 +210,10 @@ def apply_gradient_filter(
 
     Raises:
         ValueError: bad ``r``/``depth``, no conv, a pattern matching no conv, too few
-            eligible convs, or no example input. The model is then left unchanged.
+            eligible convs, or no example input; :class:`~lightning_gf.tracing.ExampleInputError`
+            (a ``ValueError``) if the forward fails on the example input. The model is then
+            left unchanged.
+        TypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
         RuntimeError: a filter is already installed on the model.
 
     Example:
