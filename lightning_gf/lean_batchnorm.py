@@ -64,10 +64,11 @@ def _lean_backward(
     grad: Tensor, pooled: Optional[Tensor], mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float, r: int,
     need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    invstd = torch.rsqrt(var.float() + eps)
+    acc = torch.promote_types(var.dtype, torch.float32)  # float32 for half statistics, float64 kept
+    invstd = torch.rsqrt(var.to(acc) + eps)
     grad_x, grad_w, grad_b = (grad.new_empty(0) for _ in range(3))
     if need_x:
-        scale = invstd if weight is None else weight.float() * invstd
+        scale = invstd if weight is None else weight.to(acc) * invstd
         grad_x = grad * scale.to(grad.dtype)[:, None, None]
     if need_w or need_b:
         grids = _grids(grad.shape, r)
@@ -78,7 +79,7 @@ def _lean_backward(
             grad_b = total.to(param_dtype)
         if need_w:
             assert pooled is not None and weight is not None
-            centred = pooled - counts * mean.float()[:, None, None]
+            centred = pooled - counts * mean.to(acc)[:, None, None]
             grad_w = ((gbar * centred).sum((0, 2, 3)) * invstd).to(param_dtype)
     return grad_x, grad_w, grad_b
 

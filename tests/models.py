@@ -51,3 +51,18 @@ class KwargsDictModel(nn.Module):
     def forward(self, image: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
         x = self.b(torch.relu(self.a(image))) * scale
         return {"out": x, "aux": self.aux(x)}
+
+
+class TwoStages(nn.Module):
+    """conv a -> BN -> ReLU -> conv b -> BN -> ReLU -> conv c: three filtered convs, per-layer r."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a, self.bn_a = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.b, self.bn_b = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c = nn.Conv2d(6, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.a(self.stem(x))))
+        return self.c(torch.relu(self.bn_b(self.b(x))))

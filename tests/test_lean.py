@@ -13,7 +13,7 @@ from lightning_gf import apply_gradient_filter
 from lightning_gf.class_swap import is_swapped
 from lightning_gf.lean_activation import lean_dropout, lean_relu
 from lightning_gf.lean_batchnorm import lean_batch_norm
-from tests.models import TinyCNN
+from tests.models import TinyCNN, TwoStages
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -163,6 +163,69 @@ def test_lean_changes_only_the_batchnorm_weight_gradients_on_timm_mobilenetv2():
         if name in bn_weights:
             continue
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
-    for name in bn_weights:  # patch-grid approximation: close in direction
-        a, b = grads[True][name], grads[False][name]
-        assert F.cosine_similarity(a, b, dim=0) > 0.5, name
+    for name in bn_weights:  # the patch-grid approximation: checked exactly below
+        assert not torch.allclose(grads[True][name], grads[False][name]), name
+
+
+def _lean_bn_grads_against_the_patch_grid(model, x, expected_r):
+    """Run the lean model in float64 and compare each named BatchNorm's weight gradient with
+    :func:`_patch_grid_bn_weight_grad` at the ``r`` it is expected to take (and has, ``gf_r``)."""
+    seen, hooks = {}, []
+    modules = dict(model.named_modules())
+    for name in expected_r:
+        bn = modules[name]
+
+        def keep_input(module, args, name=name):
+            seen[name, "x"] = args[0].detach()
+
+        def keep_grad(module, args, name=name):  # the input of what follows the batch norm is its output
+            args[0].register_hook(lambda grad: seen.__setitem__((name, "g"), grad.detach()))
+
+        hooks.append(bn.register_forward_pre_hook(keep_input))
+        after = getattr(bn, "drop", None)  # timm's BatchNormAct2d: batch norm, then drop, then act
+        if after is not None:
+            hooks.append(after.register_forward_pre_hook(keep_grad))
+        else:
+            hooks.append(bn.register_forward_hook(lambda m, args, out, name=name: keep_grad(m, (out,), name)))
+    model(x).pow(2).sum().backward()
+    for h in hooks:
+        h.remove()
+    for name, r in expected_r.items():
+        bn = modules[name]
+        assert bn.gf_r == r, name
+        expected = _patch_grid_bn_weight_grad(seen[name, "x"], seen[name, "g"], bn.running_mean, bn.running_var,
+                                              bn.eps, r)
+        torch.testing.assert_close(bn.weight.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_lean_batchnorm_weight_gradient_is_the_patch_grid_formula_on_timm_mobilenetv2():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=4).double()
+    with torch.no_grad():  # running statistics and affine parameters away from their initial 0 / 1
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+    x = torch.randn(2, 3, 72, 72, dtype=torch.float64)  # odd maps near the head: 3 x 3 at r = 2
+    handle = apply_gradient_filter(model, r=2, depth=4, example_input=x[:1])
+    model.train()
+    bns = {name: 2 for name in handle.lean_modules if name.split(".")[-1].startswith("bn")}
+    assert len(bns) >= 3
+    _lean_bn_grads_against_the_patch_grid(model, x, bns)
+
+
+def test_each_lean_module_takes_the_r_of_the_last_filtered_conv_before_it():
+    # the DeepLabV3 recipes give r per layer; a lean BN after conv b pools on b's grid, not a's
+    torch.manual_seed(0)
+    model = TwoStages().double()
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 13, 13, dtype=torch.float64)
+    handle = apply_gradient_filter(model, r={"a": 2, "b": 4, "c": 3}, depth=3, example_input=x[:1])
+    model.train()
+    assert sorted(handle.lean_modules) == ["bn_a", "bn_b"]
+    _lean_bn_grads_against_the_patch_grid(model, x, {"bn_a": 2, "bn_b": 4})

@@ -14,7 +14,7 @@ from lightning_gf import apply_gradient_filter
 from lightning_gf.class_swap import is_swapped
 from lightning_gf.filtered_conv import FilteredConvMixin
 from lightning_gf.functional import filtered_conv2d
-from tests.models import Branchy, KwargsDictModel, TinyCNN
+from tests.models import Branchy, KwargsDictModel, TinyCNN, TwoStages
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -239,12 +239,73 @@ def test_stats_read_off_kept_tensors():
     assert handle.stats.kept_bytes == 0
 
 
-def test_no_grad_forward_uses_plain_conv_and_records_nothing():
+def test_no_grad_forward_uses_plain_conv_and_records_nothing(monkeypatch):
+    from lightning_gf import filtered_conv
+
     model = TinyCNN()
     handle = apply_gradient_filter(model, r=2, depth=2, example_input=X)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["r"])
+        return filtered_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(filtered_conv, "filtered_conv2d", spy)  # observed, not replaced
     with torch.no_grad():
-        model(X)
-    assert handle.stats.kept_bytes == 0
+        out = model(X)
+    assert calls == [] and handle.stats.kept_bytes == 0 and out.grad_fn is None
+    model.train()
+    model(X)
+    assert calls == [2, 2]  # with grad, both filtered convs enter the op
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style: a layer-scale ``gamma`` applied after its (filtered) child conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.conv(x)
+
+
+def test_a_parameter_used_after_the_first_filtered_conv_stays_trainable():
+    # the block's call starts before its conv (the first filtered one) but ends after it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerScaleBlock(), nn.Conv2d(8, 2, 1))
+    handle = apply_gradient_filter(model, r=2, depth=2, example_input=X)
+    assert [layer.name for layer in handle.layers] == ["1.conv", "2"]
+    assert handle.frozen_parameters == ["0.weight", "0.bias"]
+    model(X).pow(2).sum().backward()
+    assert model[1].gamma.grad is not None and model[1].gamma.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_a_map_of_exactly_r_by_r_is_filtered_and_a_smaller_one_is_not(r):
+    # 16 -> (stride 2) 8 -> ... : the conv whose output is r x r is filtered, the one below r x r is not
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1, stride=16 // r),  # out r x r
+        nn.Conv2d(4, 4, 3, padding=1, stride=2),  # out (r / 2) x (r / 2): below r x r
+    )
+    handle = apply_gradient_filter(model, r=r, depth=2, example_input=X)
+    assert [(layer.name, layer.out_size) for layer in handle.layers] == [("0", (16, 16)), ("1", (r, r))]
+    assert not is_swapped(model[2]) and model[2].weight.requires_grad
+
+
+def test_plain_sets_every_patched_module_to_r1_and_restores_each_r_even_on_error():
+    model = TwoStages()
+    handle = apply_gradient_filter(model, r={"a": 2, "b": 4, "c": 3}, depth=3, example_input=X)
+    patched = {name: m for name, m in model.named_modules() if "gf_r" in m.__dict__}
+    before = {name: m.gf_r for name, m in patched.items()}
+    assert before == {"a": 2, "bn_a": 2, "b": 4, "bn_b": 4, "c": 3}
+    with pytest.raises(KeyError):
+        with handle.plain():
+            assert {m.gf_r for m in patched.values()} == {1}
+            raise KeyError("inside the block")
+    assert {name: m.gf_r for name, m in patched.items()} == before
 
 
 def test_example_input_array_attribute_is_used():
