@@ -51,6 +51,8 @@ def build_cli(args: Optional[list[str]] = None, *, run: bool = True) -> Lightnin
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=_JsonargparseDeprecation)
+        # ``args`` are the arguments here (the console script hands over sys.argv[1:]), not a second set
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return GradientFilterCLI(
             pl.LightningModule,
             pl.LightningDataModule,

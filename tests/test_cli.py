@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,13 @@ def test_pyproject_declares_the_console_script() -> None:
 
 def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # `python -m lightning_gf` prints the merged config of a recipe plus an override ...
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-m", "lightning_gf", "fit", f"--config={RECIPE}", "--model.init_args.lr=0.01",
          "--print_config"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=True,
-    ).stdout
+    )
+    out = run.stdout
+    assert "args parameter is intended" not in run.stderr  # the console script's own args are no second set
     printed = yaml.safe_load(out)
     assert printed["model"]["init_args"]["lr"] == 0.01
     assert printed["trainer"]["callbacks"][0]["init_args"]["depth"] == 2
@@ -84,3 +87,18 @@ def test_main_runs_a_subcommand_and_rejects_bad_options(tmp_path: Path) -> None:
         main([*args, "--model.init_args.optimizer=lbfgs"])
     with pytest.raises(SystemExit):  # unknown option: jsonargparse's usage error
         main([*args, "--model.init_args.no_such_option=1"])
+
+
+@pytest.mark.parametrize("entry", ["fit", "report"])
+def test_console_script_warns_nothing_about_its_own_args(entry, monkeypatch, tmp_path) -> None:
+    # The console script hands sys.argv[1:] to LightningCLI as `args`, which warned on every call
+    argv = ["lightning-gf", entry, f"--config={RECIPE}", "--print_config"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if entry == "fit":
+            with pytest.raises(SystemExit):
+                main()  # --print_config exits once parsed
+        else:
+            build_cli(argv[2:3] + ["--trainer.logger=false"], run=False)  # what `report` builds
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
