@@ -12,8 +12,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lightning_gf.callback_base import GradientFilterCallbackBase, model_input_of
+from lightning_gf.callback_base import GradientFilterCallbackBase
 from lightning_gf.report import LayerReport, layer_report
+from lightning_gf.tracing import model_input_of
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from lightning_gf.class_swap import is_swapped
 from lightning_gf.handle import FilteredLayer, GradientFilterHandle
 from lightning_gf.model_state import model_state_kept, rng_rewinder
 from lightning_gf.surgery import RSpec, apply_gradient_filter
+from lightning_gf.tracing import model_input_of
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar tensor``: runs the model on the batch and returns the loss."""
@@ -266,8 +267,6 @@ def gradient_fidelity(
             "lightning_gf.diagnostics.fidelity_with_handle(model, batch, loss_fn, handle) with its handle"
         )
     if example_input is None:
-        from lightning_gf.callback_base import model_input_of
-
         example_input = model_input_of(batch)
     with model_state_kept(model):
         handle = apply_gradient_filter(

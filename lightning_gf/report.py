@@ -24,7 +24,7 @@ from lightning_gf.handle import GradientFilterHandle
 from lightning_gf.model_state import model_state_kept
 from lightning_gf.saved_tensors import SavedTensorMeter
 from lightning_gf.surgery import RSpec, apply_gradient_filter
-from lightning_gf.tracing import call_model
+from lightning_gf.tracing import call_model, tensors_in
 
 _COUNTS = ("kept_bytes_vanilla", "kept_bytes_filtered", "backward_macs_vanilla", "backward_macs_filtered")
 
@@ -123,16 +123,6 @@ def _mmac(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def _output_tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _output_tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _output_tensors(v)]
-    return []
-
-
 def probe_loss(model: nn.Module, batch: Any) -> Tensor:
     """``sum(output * noise)`` with fixed Gaussian noise (seed 0): a label-free loss whose
     output gradient is a generic direction. The default ``loss_fn`` of :func:`layer_report`.
@@ -143,7 +133,7 @@ def probe_loss(model: nn.Module, batch: Any) -> Tensor:
     """
     gen = torch.Generator().manual_seed(0)
     total: Optional[Tensor] = None
-    for t in _output_tensors(call_model(model, batch)):
+    for t in tensors_in(call_model(model, batch)):
         if t.is_floating_point():
             noise = torch.randn(t.shape, generator=gen).to(t.device)
             term = (t.float() * noise).sum()
