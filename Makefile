@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	$(PY) -m lightning_gf.demo
+	$(PY) -m lightning_gf.app.demo
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run_all

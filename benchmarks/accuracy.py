@@ -29,7 +29,13 @@ import torch
 
 from benchmarks.accuracy_data import SOURCES, DataSource
 from benchmarks.accuracy_train import (
-    FinetuneConfig, accuracy, build_model, finetune, front_features, pretrain, split_at,
+    FinetuneConfig,
+    accuracy,
+    build_model,
+    finetune,
+    front_features,
+    pretrain,
+    split_at,
 )
 
 PLAIN = "plain backprop"

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from benchmarks.textured_objects import NUM_CLASSES as NUM_OBJECT_CLASSES
 from benchmarks.textured_objects import generate_textured_objects
-from lightning_gf.data.base import normalize
-from lightning_gf.data.shapes import NUM_SHAPES
-from lightning_gf.data.shapes_module import ShapesDataset
+from lightning_gf.app.data.base import normalize
+from lightning_gf.app.data.shapes import NUM_SHAPES
+from lightning_gf.app.data.shapes_module import ShapesDataset
 
 SOURCES = ("objects", "shapes", "cifar10", "cifar100")
 
@@ -114,7 +114,7 @@ class DataSource:
         return Tensors(normalize(ds.images), ds.labels)
 
     def _cifar(self, partition: str, seed: int):  # type: ignore[no-untyped-def]
-        from lightning_gf.data.cifar import CIFARDataModule
+        from lightning_gf.app.data.cifar import CIFARDataModule
 
         dm = CIFARDataModule(root=self.root, variant=self.name, partition=partition, image_size=self.image_size,
                              seed=seed, num_workers=2)

@@ -13,8 +13,8 @@ would (checked on every split, and in the tests).
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from benchmarks.accuracy_data import DataSource, Tensors
 from lightning_gf import apply_gradient_filter
-from lightning_gf.models.optim import warmup_cosine
+from lightning_gf.app.models.optim import warmup_cosine
 
 CLIP_NORM = 2.0
 

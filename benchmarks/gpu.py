@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import gpu_correctness, gpu_docs, gpu_models, layers
-from lightning_gf import cpu_kernels
+from lightning_gf.backends import cpu as cpu_kernels
 
 SECTIONS = ("correctness", "layers", "layers_graphed", "models", "segmentation", "budget", "graphs")
 TIMM = ("timm mobilenetv2_100", "timm resnet18", "timm efficientnet_b0")

@@ -24,8 +24,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from lightning_gf import cpu_kernels
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.backends import cpu as cpu_kernels
+from lightning_gf.ops.conv import filtered_conv2d
 
 Padding = Union[int, str]
 

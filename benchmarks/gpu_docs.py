@@ -218,7 +218,7 @@ Written by `python3 -m benchmarks.gpu --docs-only` from [gpu-results.json](gpu-r
 {environment_lines(data)}
 
 Every ratio compares two contenders timed in turn in the same run (median of repeats, CUDA
-events). Vanilla = PyTorch's own conv (cuDNN); filtered = `lightning_gf.functional.filtered_conv2d`.
+events). Vanilla = PyTorch's own conv (cuDNN); filtered = `lightning_gf.ops.conv.filtered_conv2d`.
 
 ## Correctness on the device
 

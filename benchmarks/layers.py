@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import cuda_graph_ms, cuda_median_ms, geomean, median_ms
-from lightning_gf import cpu_kernels
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.backends import cpu as cpu_kernels
+from lightning_gf.ops.conv import filtered_conv2d
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import nn
 
 from benchmarks.timing import median_ms
 from lightning_gf import apply_gradient_filter
-from lightning_gf.saved_tensors import SavedTensorMeter
+from lightning_gf.diagnostics.saved_tensors import SavedTensorMeter
 
 MIB = 2**20
 

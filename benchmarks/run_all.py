@@ -108,7 +108,7 @@ def _plots(layer_rows: list[dict], model_rows: list[dict], img: Path) -> list[st
 
 
 def _kernels_line() -> str:
-    from lightning_gf import cpu_kernels
+    from lightning_gf.backends import cpu as cpu_kernels
 
     return "in use in this run" if cpu_kernels.available() else "NOT available in this run: plain PyTorch path"
 

@@ -7,7 +7,7 @@ image statistics: coloured noise with a ``1/f^alpha`` amplitude spectrum and dis
 objects covered in the same kind of noise. Lighting varies (an illumination gradient,
 colour cast, contrast, gamma) and sensor noise is added. The class lies in fine detail
 (pattern periods of 5 to 10 px, at any image size), which is what gradient filtering approximates
-least well; the shapes of ``lightning_gf.data.shapes`` are flat colour fields.
+least well; the shapes of ``lightning_gf.app.data.shapes`` are flat colour fields.
 
 Two splits, as in the paper's protocol: ``pretrain`` (daylight, smooth backgrounds,
 large objects, balanced classes) and ``finetune`` (the same classes, shifted: dim,
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gf.data.shapes import check_split
+from lightning_gf.app.data.shapes import check_split
 
 PATTERNS = ("stripes", "waves", "checks", "dots")
 NUM_CLASSES = 4 * len(PATTERNS)

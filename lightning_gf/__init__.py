@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_gf.functional import filtered_conv2d
-from lightning_gf.handle import FilteredLayer, GradientFilterHandle
-from lightning_gf.stats import FilterStats
-from lightning_gf.surgery import apply_gradient_filter
+from lightning_gf.ops.conv import filtered_conv2d
+from lightning_gf.ops.stats import FilterStats
+from lightning_gf.surgery.apply import apply_gradient_filter
+from lightning_gf.surgery.handle import FilteredLayer, GradientFilterHandle
 
 __version__ = "0.1.0"
 
@@ -32,7 +32,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The callback imports pytorch_lightning, which is slow: load it on first use.
     if name == "GradientFilterCallback":
-        from lightning_gf.callback import GradientFilterCallback
+        from lightning_gf.callbacks.pytorch_lightning import GradientFilterCallback
 
         return GradientFilterCallback
     raise AttributeError(f"module 'lightning_gf' has no attribute {name!r}")

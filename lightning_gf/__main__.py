@@ -1,6 +1,6 @@
 """``python -m lightning_gf``: the ``lightning-gf`` console script."""
 
-from lightning_gf.cli import main
+from lightning_gf.app.cli import main
 
 if __name__ == "__main__":
     main()

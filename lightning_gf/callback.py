@@ -1,14 +1,6 @@
-"""``GradientFilterCallback`` for ``pytorch_lightning.Trainer``.
+"""``from lightning_gf.callback import GradientFilterCallback``: the callback for ``pytorch_lightning``
+(:mod:`lightning_gf.callbacks.pytorch_lightning`)."""
 
-For ``lightning.pytorch.Trainer`` use :mod:`lightning_gf.lightning`.
-"""
+from lightning_gf.callbacks.pytorch_lightning import GradientFilterCallback
 
-from __future__ import annotations
-
-import pytorch_lightning as pl
-
-from lightning_gf.callback_base import GradientFilterCallbackBase
-
-
-class GradientFilterCallback(GradientFilterCallbackBase, pl.Callback):
-    __doc__ = GradientFilterCallbackBase.__doc__
+__all__ = ["GradientFilterCallback"]

@@ -1,18 +1,6 @@
-"""``GradientFilterCallback`` for ``lightning.pytorch.Trainer`` (the ``lightning`` package).
+"""``from lightning_gf.lightning import GradientFilterCallback``: the callback for ``lightning.pytorch``
+(:mod:`lightning_gf.callbacks.lightning`)."""
 
-Example:
-    >>> from lightning_gf.lightning import GradientFilterCallback
-    >>> import lightning.pytorch as L
-    >>> isinstance(GradientFilterCallback(r=2, depth=3), L.Callback)
-    True
-"""
+from lightning_gf.callbacks.lightning import GradientFilterCallback
 
-from __future__ import annotations
-
-import lightning.pytorch as L
-
-from lightning_gf.callback_base import GradientFilterCallbackBase
-
-
-class GradientFilterCallback(GradientFilterCallbackBase, L.Callback):
-    __doc__ = GradientFilterCallbackBase.__doc__
+__all__ = ["GradientFilterCallback"]

@@ -21,8 +21,8 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from lightning_gf import cpu_kernels, triton_kernels  # noqa: E402
-
+from lightning_gf.backends import cpu as cpu_kernels  # noqa: E402
+from lightning_gf.backends import triton as triton_kernels
 
 # How the filter pools and spreads maps: the compiled kernels, PyTorch's ops, the 0/1
 # matrix product it uses on small maps (each forced on every map size), or the Triton
@@ -38,7 +38,7 @@ CPU_PATHS = {
 @contextlib.contextmanager
 def cpu_path_forced(name):
     """Force one of ``CPU_PATHS`` for the duration of the block."""
-    from lightning_gf import small_maps
+    from lightning_gf.backends import small_maps
 
     path = CPU_PATHS[name]
     saved = (small_maps.SMALL_MAP, small_maps.FEW_PATCHES)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_gf import GradientFilterCallback
-from lightning_gf.class_swap import is_swapped
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import TinyCNN
 
 

@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.accuracy import (
-    END, PLAIN, START, BenchConfig, Cell, _model_ints, expected_outcome, main, methods, run_key, summarise,
+    END,
+    PLAIN,
+    START,
+    BenchConfig,
+    Cell,
+    _model_ints,
+    expected_outcome,
+    main,
+    methods,
+    run_key,
+    summarise,
 )
 from benchmarks.accuracy_data import DataSource
 from benchmarks.accuracy_train import build_model, split_at

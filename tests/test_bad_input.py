@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_gf import GradientFilterCallback, apply_gradient_filter
-from lightning_gf.tracing import ExampleInputError
+from lightning_gf.surgery.tracing import ExampleInputError
 from tests.models import TinyCNN
 
 X = torch.randn(1, 3, 16, 16)
@@ -105,7 +105,7 @@ def test_callback_checks_its_arguments_at_construction(kwargs, match):
     (dict(padding={"h": 1}), r"padding must be .* got \{'h': 1\}"),
 ])
 def test_filtered_conv2d_checks_its_conv_arguments(kwargs, match):
-    from lightning_gf.functional import filtered_conv2d
+    from lightning_gf.ops.conv import filtered_conv2d
 
     x, w = torch.randn(1, 2, 8, 8, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)
     for _ in range(2):  # the second call is not answered from the cache of good arguments
@@ -114,7 +114,7 @@ def test_filtered_conv2d_checks_its_conv_arguments(kwargs, match):
 
 
 def test_filtered_conv2d_takes_lists_as_tuples():
-    from lightning_gf.functional import filtered_conv2d
+    from lightning_gf.ops.conv import filtered_conv2d
 
     x, w = torch.randn(1, 2, 9, 9, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)
     y_list = filtered_conv2d(x, w, stride=[2, 1], padding=[1, 0], dilation=[1, 2], r=2)

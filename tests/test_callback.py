@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_gf.class_swap import is_swapped
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import TinyCNN
 
 NAMESPACES = {
-    "pytorch_lightning": ("pytorch_lightning", "lightning_gf.callback"),
-    "lightning.pytorch": ("lightning.pytorch", "lightning_gf.lightning"),
+    "pytorch_lightning": ("pytorch_lightning", "lightning_gf.callbacks.pytorch_lightning"),
+    "lightning.pytorch": ("lightning.pytorch", "lightning_gf.callbacks.lightning"),
 }
 
 
@@ -159,8 +159,10 @@ def test_callback_of_one_namespace_is_a_callback_there():
     import lightning.pytorch as L
     import pytorch_lightning as pl
 
-    from lightning_gf.callback import GradientFilterCallback as PLCallback
-    from lightning_gf.lightning import GradientFilterCallback as LCallback
+    from lightning_gf.callbacks.lightning import GradientFilterCallback as LCallback
+    from lightning_gf.callbacks.pytorch_lightning import (
+        GradientFilterCallback as PLCallback,
+    )
 
     assert isinstance(PLCallback(), pl.Callback) and not isinstance(PLCallback(), L.Callback)
     assert isinstance(LCallback(), L.Callback) and not isinstance(LCallback(), pl.Callback)

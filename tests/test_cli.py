@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_gf.callback import GradientFilterCallback
-from lightning_gf.cli import build_cli, main
-from lightning_gf.data import CIFARDataModule
+from lightning_gf.app.cli import build_cli, main
+from lightning_gf.app.data import CIFARDataModule
+from lightning_gf.callbacks.pytorch_lightning import GradientFilterCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "resnet18_2L_gf.yaml"
@@ -24,7 +24,7 @@ TINY = ["--data.init_args.image_size=64", "--data.init_args.train_size=2", "--da
 
 def test_pyproject_declares_the_console_script() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'lightning-gf = "lightning_gf.cli:main"' in text
+    assert 'lightning-gf = "lightning_gf.app.cli:main"' in text
 
 
 def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -53,7 +53,7 @@ def test_compiles_in_one_graph_before_any_eager_call():
 
     code = (
         "import torch, torch._dynamo as dynamo\n"
-        "from lightning_gf.functional import filtered_conv2d\n"
+        "from lightning_gf.ops.conv import filtered_conv2d\n"
         "x, w = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)\n"
         "explained = dynamo.explain(lambda x, w: filtered_conv2d(x, w, padding=1, r=2).sum())(x, w)\n"
         "print(explained.graph_break_count, explained.graph_count)\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_gf.cli import main
+from lightning_gf.app.cli import main
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -9,9 +9,15 @@ import sys
 import pytest
 import torch
 
-from lightning_gf import cpu_kernels
-from lightning_gf.functional import _patch_means_and_total, _spread_to_input, _tap_sums, _weight_grad, pool_patches
-from lightning_gf.patch_grid import AxisGrid
+from lightning_gf.backends import cpu as cpu_kernels
+from lightning_gf.ops.conv import (
+    _patch_means_and_total,
+    _spread_to_input,
+    _tap_sums,
+    _weight_grad,
+    pool_patches,
+)
+from lightning_gf.ops.patch_grid import AxisGrid
 from tests.conftest import cpu_path_forced
 
 # (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
@@ -152,7 +158,7 @@ def test_non_contiguous_and_channels_last_maps_take_the_plain_path():
 
 def test_switch_off_by_environment_and_cached_reuse(tmp_path):
     """``LIGHTNING_GF_CPU_KERNELS=0`` turns them off; a fresh process loads the cached build without compiling."""
-    code = "import lightning_gf.cpu_kernels as k; print(k.available())"
+    code = "import lightning_gf.backends.cpu as k; print(k.available())"
     env = dict(os.environ, LIGHTNING_GF_CPU_KERNELS="0")
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert off.stdout.strip() == "False"
@@ -165,7 +171,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch):
     """No compiler: a warning that says why, and the plain path (same gradients)."""
     code = (
         "import warnings, torch\n"
-        "import lightning_gf.cpu_kernels as k\n"
+        "import lightning_gf.backends.cpu as k\n"
         "from lightning_gf import functional\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
@@ -211,8 +217,8 @@ def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
     """Below ``FEW_PATCHES`` patches the pooled sums and the ``g_y`` means are stored
     (P_h, P_w, N, C): both channel products then take them as one matrix, and give what
     they give on the same values stored contiguous."""
-    from lightning_gf import small_maps
-    from lightning_gf.functional import _grouped_channel_mix, _weight_grad_per_pair
+    from lightning_gf.backends import small_maps
+    from lightning_gf.ops.conv import _grouped_channel_mix, _weight_grad_per_pair
 
     grid_h, grid_w, out_size = _grids(8, 8, 4, 1)  # 2x2 patches
     g = torch.Generator().manual_seed(2)
@@ -243,7 +249,7 @@ FUSED_CASES = [(2, 3, 5, 8, 8, 3, 1, 1, 1, 2), (2, 4, 4, 9, 7, 3, 1, 1, 4, 2), (
 def test_fused_backward_matches_the_steps(case, needs, dtype, monkeypatch):
     """The whole backward in one compiled call (dense and depthwise convs) against the same
     steps called one by one from Python; only the gradients asked for come back."""
-    from lightning_gf import functional
+    from lightning_gf.ops import conv as functional
 
     n, c_in, c_out, h, w, k, stride, padding, groups, r = case
     g = torch.Generator().manual_seed(3)
@@ -270,7 +276,7 @@ def test_fused_backward_matches_the_steps(case, needs, dtype, monkeypatch):
 def test_fused_backward_leaves_other_convs_to_the_steps():
     """Grouped (not depthwise) convs, atrous taps, channels-last and strided views of ``g_y``
     take the step-by-step path."""
-    from lightning_gf.functional import _fused_backward_takes
+    from lightning_gf.ops.conv import _fused_backward_takes
 
     gy, dense, grouped = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 3, 3), torch.randn(4, 2, 3, 3)
     assert _fused_backward_takes(gy, dense, False, [1, 1], 1, 2)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gf import cpu_kernels, functional
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.backends import cpu as cpu_kernels
+from lightning_gf.ops import conv as functional
+from lightning_gf.ops.conv import filtered_conv2d
 from tests.conftest import cpu_path_forced
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels unavailable")

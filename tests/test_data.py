@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_gf.data import (
+from lightning_gf.app.data import (
     CIFARDataModule,
     CityscapesSegmentationDataModule,
     ImageFolderDataModule,
     ShapesDataModule,
     VOCSegmentationDataModule,
 )
-from lightning_gf.data.base import IMAGENET_MEAN, IMAGENET_STD
-from lightning_gf.data.partition import two_partition_split
-from lightning_gf.data.shapes import NUM_SHAPES, generate_shapes
+from lightning_gf.app.data.base import IMAGENET_MEAN, IMAGENET_STD
+from lightning_gf.app.data.partition import two_partition_split
+from lightning_gf.app.data.shapes import NUM_SHAPES, generate_shapes
 
 
 def _unnormalize(images: torch.Tensor) -> torch.Tensor:

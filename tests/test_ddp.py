@@ -83,7 +83,7 @@ def test_sharded_strategies_are_refused_clearly(strategy_name):
     import pytorch_lightning as pl
 
     from lightning_gf import GradientFilterCallback
-    from lightning_gf.class_swap import is_swapped
+    from lightning_gf.surgery.class_swap import is_swapped
 
     if strategy_name == "FSDPStrategy":
         strategy = pl.strategies.FSDPStrategy()  # the real class

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_gf.demo import DemoConfig, main, run_demo
-
+from lightning_gf.app.demo import DemoConfig, main, run_demo
 
 
 def test_demo_quick_classification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

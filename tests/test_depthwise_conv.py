@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_gf import cpu_kernels, functional
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.backends import cpu as cpu_kernels
+from lightning_gf.ops import conv as functional
+from lightning_gf.ops.conv import filtered_conv2d
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels unavailable")
 

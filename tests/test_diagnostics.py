@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_gf import apply_gradient_filter
-from lightning_gf.class_swap import is_swapped
-from lightning_gf.diagnostics import fidelity_with_handle, gradient_fidelity
+from lightning_gf.diagnostics.fidelity import fidelity_with_handle, gradient_fidelity
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import TinyCNN
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gf import GradientFilterCallback, apply_gradient_filter, filtered_conv2d
-from lightning_gf.class_swap import is_swapped
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import KwargsDictModel, TinyCNN
 from tests.reference import reference_grads
 
@@ -288,7 +288,7 @@ def test_configure_model_that_rebuilds_the_layers_is_refused():
 def test_configure_model_with_the_lightning_namespace():
     import lightning.pytorch as L
 
-    from lightning_gf.lightning import GradientFilterCallback as LCallback
+    from lightning_gf.callbacks.lightning import GradientFilterCallback as LCallback
 
     module = _configured_class(L.LightningModule)()
     seen = set()

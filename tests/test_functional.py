@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.ops.conv import filtered_conv2d
 from tests.reference import reference_grads
 
 # (N, Cin, Cout, H, W, k, stride, padding, dilation, groups, r, bias)

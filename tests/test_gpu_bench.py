@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import gpu, gpu_correctness, gpu_docs, gpu_models
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.ops.conv import filtered_conv2d
 
 
 def test_status_bounds_per_dtype():

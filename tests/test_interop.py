@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gf import GradientFilterCallback
-from lightning_gf.class_swap import is_swapped
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import TinyCNN
 
 X = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gf import apply_gradient_filter
-from lightning_gf.class_swap import is_swapped
-from lightning_gf.lean_activation import lean_dropout, lean_relu
-from lightning_gf.lean_batchnorm import lean_batch_norm
+from lightning_gf.ops.activation import lean_dropout, lean_relu
+from lightning_gf.ops.batchnorm import lean_batch_norm
+from lightning_gf.surgery.class_swap import is_swapped
 from tests.models import TinyCNN, TwoStages
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

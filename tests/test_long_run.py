@@ -8,8 +8,8 @@ import os
 
 import pytorch_lightning as pl
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gf import GradientFilterCallback

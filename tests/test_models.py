@@ -9,10 +9,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from lightning_gf.models import ImageClassifier, SemanticSegmenter
-from lightning_gf.models.checkpoint import load_weights
-from lightning_gf.models.optim import build_optimizer, warmup_cosine
-from lightning_gf.models.segmenter import ARCHITECTURES
+from lightning_gf.app.models import ImageClassifier, SemanticSegmenter
+from lightning_gf.app.models.checkpoint import load_weights
+from lightning_gf.app.models.optim import build_optimizer, warmup_cosine
+from lightning_gf.app.models.segmenter import ARCHITECTURES
 
 
 def test_classifier_starts_from_a_local_checkpoint_with_another_head(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from lightning_gf import GradientFilterCallback, peak_memory
+from lightning_gf import GradientFilterCallback
+from lightning_gf.diagnostics import peak_memory
 from tests.memory_logger import MemoryLogger
 from tests.test_callback import _lit_class, _trainer
 

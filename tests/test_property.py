@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.ops.conv import filtered_conv2d
 from tests.conftest import CPU_PATHS, cpu_path_forced
 from tests.reference import reference_grads
 

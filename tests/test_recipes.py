@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lightning_gf.callback_base as callback_base
-from lightning_gf.cli import build_cli
+import lightning_gf.callbacks.base as callback_base
+from lightning_gf.app.cli import build_cli
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GF_RECIPES = sorted(p.name for p in RECIPES.glob("*_gf.yaml"))

@@ -1,4 +1,4 @@
-"""layer_report and `python -m lightning_gf.report`: numbers checked against values computed by hand."""
+"""layer_report and `python -m lightning_gf.app.report`: numbers checked against values computed by hand."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gf.class_swap import is_swapped
-from lightning_gf.diagnostics import gradient_fidelity
-from lightning_gf.report import layer_report, main, probe_loss
+from lightning_gf.app.report import main
+from lightning_gf.diagnostics.fidelity import gradient_fidelity
+from lightning_gf.diagnostics.report import layer_report, probe_loss
+from lightning_gf.surgery.class_swap import is_swapped
 
 ROOT = Path(__file__).resolve().parents[1]
 F32 = 4
@@ -70,7 +71,7 @@ def test_layer_report_numbers_match_hand_computed_values():
 def test_module_entry_json_on_timm_resnet18():
     timm = pytest.importorskip("timm")
     cmd = [
-        sys.executable, "-m", "lightning_gf.report", "--model", "timm:resnet18", "--input-size", "3,64,64",
+        sys.executable, "-m", "lightning_gf.app.report", "--model", "timm:resnet18", "--input-size", "3,64,64",
         "--r", "2", "--depth", "2", "--model-kwargs", '{"zero_init_last": false}', "--json",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

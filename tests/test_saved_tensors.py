@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_gf import apply_gradient_filter
-from lightning_gf.saved_tensors import SavedTensorMeter
+from lightning_gf.diagnostics.saved_tensors import SavedTensorMeter
 from tests.models import TinyCNN
 
 

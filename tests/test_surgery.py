@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lightning_gf import apply_gradient_filter
-from lightning_gf.class_swap import is_swapped
-from lightning_gf.filtered_conv import FilteredConvMixin
-from lightning_gf.functional import filtered_conv2d
+from lightning_gf.ops.conv import filtered_conv2d
+from lightning_gf.surgery.class_swap import is_swapped
+from lightning_gf.surgery.filtered_conv import FilteredConvMixin
 from tests.models import Branchy, KwargsDictModel, TinyCNN, TwoStages
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -240,7 +240,7 @@ def test_stats_read_off_kept_tensors():
 
 
 def test_no_grad_forward_uses_plain_conv_and_records_nothing(monkeypatch):
-    from lightning_gf import filtered_conv
+    from lightning_gf.surgery import filtered_conv
 
     model = TinyCNN()
     handle = apply_gradient_filter(model, r=2, depth=2, example_input=X)

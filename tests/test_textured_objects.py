@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from benchmarks.textured_objects import (
-    CLASS_NAMES, NUM_CLASSES, _noise_1_over_f, generate_textured_objects,
+    CLASS_NAMES,
+    NUM_CLASSES,
+    _noise_1_over_f,
+    generate_textured_objects,
 )
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_gf import functional, triton_kernels
-from lightning_gf.functional import filtered_conv2d
-from lightning_gf.patch_grid import AxisGrid
+from lightning_gf.backends import triton as triton_kernels
+from lightning_gf.ops import conv as functional
+from lightning_gf.ops.conv import filtered_conv2d
 from tests.conftest import cpu_path_forced
 
 pytestmark = pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
@@ -138,7 +138,7 @@ def test_half_precision_patch_sums_are_kept_in_the_half_type_off_cpu():
 
 def test_maps_too_large_for_32_bit_indexing_take_the_plain_path(caplog):
     huge = torch.zeros(1, device=DEVICE).expand(2**31)  # no memory behind it
-    with caplog.at_level(logging.DEBUG, logger="lightning_gf.triton_kernels"):
+    with caplog.at_level(logging.DEBUG, logger="lightning_gf.backends.triton"):
         assert not triton_kernels.takes(huge)
         assert not triton_kernels.takes(huge)
     assert sum("over 2**31" in message for message in caplog.messages) == 1  # said once
@@ -160,7 +160,7 @@ def test_kernels_compile_to_hopper_machine_code():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from lightning_gf import triton_patch_kernels as k
+        from lightning_gf.backends.triton import kernels as k
 
         target = GPUTarget("cuda", 90, 32)
         ints = lambda names: {n: "i32" for n in names.split()}

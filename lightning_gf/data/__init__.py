@@ -1,14 +1,5 @@
-"""Data modules: the embedded generated shapes, CIFAR, ImageFolder, VOC and Cityscapes folders."""
+"""Where the recipes' ``class_path: lightning_gf.data.X`` resolve: the data modules of
+:mod:`lightning_gf.app.data`, under the path they had before the package took layers."""
 
-from lightning_gf.data.cifar import CIFARDataModule
-from lightning_gf.data.image_folder import ImageFolderDataModule
-from lightning_gf.data.segmentation_folders import CityscapesSegmentationDataModule, VOCSegmentationDataModule
-from lightning_gf.data.shapes_module import ShapesDataModule
-
-__all__ = [
-    "CIFARDataModule",
-    "CityscapesSegmentationDataModule",
-    "ImageFolderDataModule",
-    "ShapesDataModule",
-    "VOCSegmentationDataModule",
-]
+from lightning_gf.app.data import *  # noqa: F401,F403
+from lightning_gf.app.data import __all__  # noqa: F401

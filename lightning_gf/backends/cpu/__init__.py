@@ -1,0 +1,140 @@
+"""Compiled CPU kernels for the filter's memory-bound steps, built once on first use.
+
+Pooling a map over the patch grid and spreading patch values back over a map are one
+pass each in C++ (``csrc/patch_kernels.cpp``) instead of several PyTorch calls, and
+so are the two per-kernel steps on weights (summing the taps, broadcasting one value
+over them); ``csrc/filtered_conv.cpp`` makes the whole filtered conv one C++ autograd
+node where that backward covers it. The first filtered conv on CPU compiles them with
+the system's C++ compiler and ``ninja`` (about 30 s, once; cached under
+``$LIGHTNING_GF_CACHE``, default ``~/.cache/lightning_gf``, per source files, torch,
+Python and CPU). Without a compiler, or with ``LIGHTNING_GF_CPU_KERNELS=0``, the filter
+runs the same math in plain PyTorch (slower, same results; the tests check both).
+
+Example:
+    >>> import lightning_gf.backends.cpu as cpu_kernels
+    >>> isinstance(cpu_kernels.available(), bool)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ENV_SWITCH = "LIGHTNING_GF_CPU_KERNELS"
+ENV_CACHE = "LIGHTNING_GF_CACHE"
+_NAME = "lightning_gf_cpu"
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+# OpenMP as torch's own parallel backend: without it ``at::parallel_for`` in the kernels
+# runs on one thread
+_OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform == "linux" else []
+_FLAGS = ["-O3", "-march=native", *_OPENMP]
+
+_lock = threading.Lock()
+_loaded: Optional[bool] = None  # None: not tried yet
+_enabled = True
+
+
+def _machine_key() -> str:
+    """What a built library depends on: the sources, torch, Python and this CPU's features."""
+    cpu_flags = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu_flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        cpu_flags = platform.processor()
+    parts = [*(path.read_bytes() for path in _SOURCES + _HEADERS), torch.__version__.encode(), sys.version.encode(),
+             platform.machine().encode(), cpu_flags.encode(), " ".join(_FLAGS).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    """Where the kernels for this source, torch, Python and CPU are built and cached.
+
+    Example:
+        >>> build_directory().name.startswith("cpu_kernels_")
+        True
+    """
+    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "lightning_gf")
+    return base / f"cpu_kernels_{_machine_key()}"
+
+
+def _build_and_load() -> None:
+    directory = build_directory()
+    library = directory / f"{_NAME}.so"
+    done = directory / "built"
+    if library.exists() and done.exists():
+        torch.ops.load_library(str(library))
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"lightning_gf: compiling the CPU kernels (once, about 30 s) into {directory}", file=sys.stderr, flush=True)
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" (logged on import): these kernels need none
+    path = os.environ.get("PATH", "")
+    # the `ninja` of this environment (a dependency), also when it is not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
+                           extra_ldflags=_OPENMP, build_directory=str(directory),
+                           is_python_module=False, verbose=False)
+    finally:
+        quiet.setLevel(level)
+        os.environ["PATH"] = path
+    done.touch()
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (builds or loads them on the first call).
+
+    False when ``LIGHTNING_GF_CPU_KERNELS=0``, when :func:`set_enabled` turned them off,
+    or when they could not be built (a warning says why, once).
+    """
+    global _loaded
+    if not _enabled:
+        return False
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+                    _loaded = False
+                else:
+                    try:
+                        _build_and_load()
+                        _loaded = True
+                    except Exception as error:  # no compiler, no headers, read-only cache, ...
+                        warnings.warn(
+                            f"lightning_gf: could not build the CPU kernels ({type(error).__name__}: {error}); "
+                            f"the filter uses its plain PyTorch path (same results, slower on CPU). "
+                            f"Set {ENV_SWITCH}=0 to skip trying.",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                        _loaded = False
+    return _loaded
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the compiled kernels on or off for this process; returns the previous setting.
+
+    Example:
+        >>> previous = set_enabled(False)
+        >>> available()
+        False
+        >>> _ = set_enabled(previous)
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
