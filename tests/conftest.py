@@ -17,51 +17,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-import contextlib  # noqa: E402
-
 import pytest  # noqa: E402
 
 from lightning_gf.backends import cpu as cpu_kernels  # noqa: E402
-from lightning_gf.backends import triton as triton_kernels
-
-# How the filter pools and spreads maps: the compiled kernels, PyTorch's ops, the 0/1
-# matrix product it uses on small maps (each forced on every map size), or the Triton
-# kernels it uses on CUDA (here under Triton's interpreter).
-CPU_PATHS = {
-    "compiled": dict(kernels=True, small_map=0, few_patches=0, triton=False),
-    "plain": dict(kernels=False, small_map=0, few_patches=0, triton=False),
-    "small_maps": dict(kernels=False, small_map=10**9, few_patches=10**9, triton=False),
-    "triton": dict(kernels=False, small_map=0, few_patches=0, triton=True),
-}
+from lightning_gf.backends import triton as triton_kernels  # noqa: E402
+from lightning_gf.config import BACKENDS, force_backend  # noqa: E402
 
 
-@contextlib.contextmanager
-def cpu_path_forced(name):
-    """Force one of ``CPU_PATHS`` for the duration of the block."""
-    from lightning_gf.backends import small_maps
-
-    path = CPU_PATHS[name]
-    saved = (small_maps.SMALL_MAP, small_maps.FEW_PATCHES)
-    previous = cpu_kernels.set_enabled(path["kernels"])
-    small_maps.SMALL_MAP, small_maps.FEW_PATCHES = path["small_map"], path["few_patches"]
-    if path["triton"]:
-        triton_kernels.enable_on("cpu")
-    try:
-        yield
-    finally:
-        cpu_kernels.set_enabled(previous)
-        small_maps.SMALL_MAP, small_maps.FEW_PATCHES = saved
-        triton_kernels.disable_on("cpu")
+def available_backends() -> list[str]:
+    """The backends that run on CPU tensors here (the Triton kernels under Triton's interpreter)."""
+    names = [name for name in BACKENDS if name in ("reference", "small_maps")]
+    if cpu_kernels.available():
+        names.insert(0, "cpu")
+    if triton_kernels.available() and not torch.cuda.is_available():  # with a GPU: tested on it
+        names.append("triton")
+    return names
 
 
-@pytest.fixture(params=list(CPU_PATHS))
-def cpu_path(request):
-    """Run a test once per way of pooling and spreading maps (see ``CPU_PATHS``)."""
-    if request.param == "compiled" and not cpu_kernels.available():
-        pytest.skip("compiled CPU kernels unavailable (tests/test_cpu_kernels.py says why)")
-    if request.param == "triton" and not triton_kernels.available():
-        pytest.skip("Triton is not installed")
-    if request.param == "triton" and torch.cuda.is_available():
-        pytest.skip("with a GPU the Triton kernels are tested on it (tests/test_triton_kernels.py)")
-    with cpu_path_forced(request.param):
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    """Run a test once per backend, pinned with ``force_backend`` (see ``lightning_gf.config``)."""
+    if request.param not in available_backends():
+        pytest.skip(f"backend {request.param!r} does not run on CPU tensors here")
+    with force_backend(request.param):
         yield request.param

@@ -18,7 +18,7 @@ from lightning_gf.ops.conv import (
     pool_patches,
 )
 from lightning_gf.ops.patch_grid import AxisGrid
-from tests.conftest import cpu_path_forced
+from lightning_gf.config import force_backend
 
 # (N, C, H_in, W_in, r, stride): grids that pad, that crop (negative offsets), odd maps, strides
 # (most of them narrow: a patch row fits in 1 to 4 AVX2 registers, 8 to 32 cells, and
@@ -35,7 +35,7 @@ GRIDS = [(2, 3, 8, 8, 2, 1), (2, 5, 7, 9, 2, 1), (1, 4, 10, 11, 4, 1), (3, 2, 9,
 
 
 def _plain(fn, *args, **kwargs):
-    with cpu_path_forced("plain"):
+    with force_backend("reference"):
         return fn(*args, **kwargs)
 
 
@@ -43,7 +43,7 @@ def _plain(fn, *args, **kwargs):
 def _kernels():
     if not cpu_kernels.available():
         pytest.fail("the compiled CPU kernels did not build here; see the warning above (a C++ compiler is needed)")
-    with cpu_path_forced("compiled"):  # even on the small maps below
+    with force_backend("cpu"):  # even on the small maps below
         yield
 
 
@@ -111,7 +111,7 @@ def test_small_map_products_match_plain_path(n, c, h, w, r, stride):
     g = torch.Generator().manual_seed(1)
     x, gy = torch.randn(n, c, h, w, generator=g), torch.randn(n, c, *out_size, generator=g)
     low = torch.randn(n, c, grid_h.patches, grid_w.patches, generator=g)
-    with cpu_path_forced("small_maps"):
+    with force_backend("small_maps"):
         got = (pool_patches(x, grid_h, grid_w, on_input=True), *_patch_means_and_total(gy, grid_h, grid_w),
                _spread_to_input(low, grid_h, grid_w, 0.25, torch.float32, False))
     want = (_plain(pool_patches, x, grid_h, grid_w, on_input=True), *_plain(_patch_means_and_total, gy, grid_h, grid_w),
@@ -223,7 +223,7 @@ def test_small_maps_come_back_patch_major_and_the_products_read_them_in_place():
     grid_h, grid_w, out_size = _grids(8, 8, 4, 1)  # 2x2 patches
     g = torch.Generator().manual_seed(2)
     x, gy = torch.randn(3, 5, 8, 8, generator=g), torch.randn(3, 6, *out_size, generator=g)
-    with cpu_path_forced("small_maps"):
+    with force_backend("small_maps"):
         pooled = pool_patches(x, grid_h, grid_w, on_input=True)
         means, _ = _patch_means_and_total(gy, grid_h, grid_w)
     assert small_maps.is_patch_major(pooled) and small_maps.is_patch_major(means)
@@ -284,5 +284,5 @@ def test_fused_backward_leaves_other_convs_to_the_steps():
     assert not _fused_backward_takes(gy, dense, False, [2, 1], 1, 2)  # dilation >= r: taps kept on that axis
     assert not _fused_backward_takes(gy, dense, True, [1, 1], 1, 2)  # channels-last input
     assert not _fused_backward_takes(gy[:, :, ::2], dense, False, [1, 1], 1, 2)
-    with cpu_path_forced("plain"):
+    with force_backend("reference"):
         assert not _fused_backward_takes(gy, dense, False, [1, 1], 1, 2)

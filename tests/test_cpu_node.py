@@ -9,7 +9,7 @@ import torch
 from lightning_gf.backends import cpu as cpu_kernels
 from lightning_gf.ops import conv as functional
 from lightning_gf.ops.conv import filtered_conv2d
-from tests.conftest import cpu_path_forced
+from lightning_gf.config import force_backend
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels unavailable")
 
@@ -86,7 +86,7 @@ def test_node_takes_only_the_convs_its_backward_covers():
     assert _grad_fn_name(x[:, :, ::2], dense, padding=1, r=2) != NODE  # a strided view
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _grad_fn_name(x, dense, padding=1, r=2) != NODE
-    with cpu_path_forced("plain"):  # kernels off
+    with force_backend("reference"):  # kernels off
         assert _grad_fn_name(x, dense, padding=1, r=2) != NODE
 
 
@@ -216,7 +216,7 @@ def test_plans_do_not_take_what_the_moment_forbids(monkeypatch):
     assert _grad_fn_name(x.to(memory_format=torch.channels_last), w, padding=1, r=2) != NODE
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _grad_fn_name(x, w, padding=1, r=2) != NODE
-    with cpu_path_forced("plain"):
+    with force_backend("reference"):
         assert _grad_fn_name(x, w, padding=1, r=2) != NODE
     assert _grad_fn_name(x, w, padding=1, r=2) == NODE
 

@@ -71,7 +71,7 @@ def _pair(v):
 
 @pytest.mark.parametrize("stride_correction", [True, False])
 @pytest.mark.parametrize("name,case", ALL_CASES, ids=[c[0] for c in ALL_CASES])
-def test_gradients_match_reference(name, case, stride_correction, cpu_path):
+def test_gradients_match_reference(name, case, stride_correction, backend):
     x, w, b, kwargs, r = _make(case)
     leaves = [t.clone().requires_grad_() for t in (x, w)] + ([b.clone().requires_grad_()] if b is not None else [])
     y = filtered_conv2d(leaves[0], leaves[1], leaves[2] if b is not None else None, **kwargs, r=r,
@@ -149,7 +149,7 @@ def test_nothing_pooled_when_weight_is_frozen():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_low_precision_close_to_float64(dtype, cpu_path):
+def test_low_precision_close_to_float64(dtype, backend):
     x, w, b, kwargs, r = _make(CASES["stride2"])
     gy = torch.randn(F.conv2d(x, w, b, **kwargs).shape, dtype=torch.float64)
     ref = reference_grads(x, w, b, gy, stride=(2, 2), padding=1, dilation=(1, 1), groups=1, r=r,
@@ -164,7 +164,7 @@ def test_low_precision_close_to_float64(dtype, cpu_path):
         torch.testing.assert_close(got.grad.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_channels_last_input_gets_channels_last_grad(cpu_path):
+def test_channels_last_input_gets_channels_last_grad(backend):
     x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     filtered_conv2d(x, w, padding=1, r=2).sum().backward()

@@ -68,7 +68,7 @@ def _patch_grid_bn_weight_grad(x, g, mean, var, eps, r):
 
 
 @pytest.mark.parametrize("size,r", [((8, 8), 2), ((7, 9), 2), ((10, 11), 3)])
-def test_lean_batch_norm(size, r, cpu_path):
+def test_lean_batch_norm(size, r, backend):
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5

@@ -42,7 +42,7 @@ def _two_convs():
 
 
 @pytest.mark.parametrize("filtered", [False, True])
-def test_channels_last_input_keeps_what_an_nchw_one_keeps(cpu_path, filtered):
+def test_channels_last_input_keeps_what_an_nchw_one_keeps(backend, filtered):
     # The pooling fallback ran F.pad / avg_pool2d on a channels_last tensor that needed grad:
     # autograd recorded them and kept the full input beside the patch sums.
     x = torch.randn(2, 8, 15, 15)

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_gf.ops.conv import filtered_conv2d
-from tests.conftest import CPU_PATHS, cpu_path_forced
+from lightning_gf.config import force_backend
+from tests.conftest import available_backends
 from tests.reference import reference_grads
 
 
@@ -27,14 +28,14 @@ def conv_configs(draw):
         "n": draw(st.integers(1, 2)), "c_in": c_in, "c_out": c_out, "k": (kh, kw), "size": (h, w),
         "stride": (sh, sw), "padding": (ph, pw), "dilation": (dh, dw), "groups": groups,
         "r": draw(st.integers(2, 5)), "bias": draw(st.booleans()), "stride_correction": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**16)), "cpu_path": draw(st.sampled_from(sorted(CPU_PATHS))),
+        "seed": draw(st.integers(0, 2**16)), "backend": draw(st.sampled_from(available_backends())),
     }
 
 
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_configs())
 def test_filtered_conv2d_matches_the_reference(cfg):
-    with cpu_path_forced(cfg["cpu_path"]):
+    with force_backend(cfg["backend"]):
         _check_against_reference(cfg)
     
 

@@ -1,7 +1,7 @@
 """The Triton kernels (the CUDA path), run here under Triton's interpreter on CPU tensors.
 
 Their gradients against the float64 reference run in tests/test_functional.py and
-tests/test_lean.py (the ``triton`` entry of ``cpu_path``); this file checks the kernels
+tests/test_lean.py (the ``triton`` entry of ``backend``); this file checks the kernels
 against PyTorch's own ops directly, that the filter really takes them, when it does
 not, and that they compile to Hopper machine code.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning_gf.backends import triton as triton_kernels
 from lightning_gf.ops import conv as functional
 from lightning_gf.ops.conv import filtered_conv2d
-from tests.conftest import cpu_path_forced
+from lightning_gf.config import force_backend
 
 pytestmark = pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +124,7 @@ def test_filter_takes_the_kernels_for_every_map_step(monkeypatch):
         monkeypatch.setattr(triton_kernels, name, counted)
     x = torch.randn(2, 3, 9, 9, device=DEVICE, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=DEVICE, requires_grad=True)
-    with cpu_path_forced("triton"):
+    with force_backend("triton"):
         filtered_conv2d(x, w, padding=1, r=2).sum().backward()
     assert calls == ["patch_pool(mean=False)", "patch_pool(mean=True)", "patch_spread"]
 

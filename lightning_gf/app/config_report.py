@@ -47,11 +47,8 @@ def report_for_config(configs: Sequence[str], *, fidelity: bool = True) -> Layer
     cb = callbacks[0]
     cli.datamodule.setup("fit")
     batch = next(iter(cli.datamodule.train_dataloader()))
-    report = layer_report(
-        cli.model, model_input_of(batch), cb.r, cb.depth, include=cb.include, exclude=cb.exclude,
-        stride_correction=cb.stride_correction, freeze=cb.freeze, bn_eval=cb.bn_eval, lean=cb.lean,
-        loss_fn=training_step_loss(0), batch=batch, fidelity=fidelity,
-    )
+    report = layer_report(cli.model, model_input_of(batch), config=cb.filter_config, loss_fn=training_step_loss(0),
+                          batch=batch, fidelity=fidelity)
     report.config.update(configs=list(configs))
     return report
 

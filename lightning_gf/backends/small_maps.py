@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from lightning_gf import config
+
 if TYPE_CHECKING:  # the grid's geometry comes in from the ops; backends import nothing of them
     from lightning_gf.ops.patch_grid import AxisGrid
 
@@ -36,8 +38,17 @@ SMALL_MAP = 1024
 FEW_PATCHES = 16
 
 
+def _forced() -> bool:
+    """Whether ``force_backend("small_maps")`` pins this path: every map takes it, patch-major."""
+    return config._FORCED == "small_maps"
+
+
 def is_small(h: int, w: int, grid_h: AxisGrid, grid_w: AxisGrid) -> bool:
-    """Whether an ``h x w`` map on this grid takes the matrix-product path."""
+    """Whether an ``h x w`` map on this grid takes the matrix-product path: a small map in
+    the default order, every map where this backend is forced, none where another one is."""
+    forced = config._FORCED
+    if forced is not None:
+        return forced == "small_maps"
     return h * w <= SMALL_MAP and grid_h.patches * grid_w.patches <= FEW_PATCHES
 
 
@@ -70,7 +81,7 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     if torch.is_autocast_enabled(a.device.type):
         with torch.autocast(a.device.type, enabled=False):
             return _product(a, b)
-    if b.shape[1] < FEW_PATCHES:
+    if b.shape[1] < FEW_PATCHES or _forced():
         return (b.t() @ a.t()).t()
     return a @ b
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
 
@@ -17,10 +17,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_gf.config import GradientFilterConfig, resolve_config
 from lightning_gf.diagnostics import peak_memory
 from lightning_gf.diagnostics.saved_tensors import SavedTensorMeter
 from lightning_gf.diagnostics.step_memory import PlainBackpropMemory
-from lightning_gf.surgery.apply import _check_r_value, apply_gradient_filter
+from lightning_gf.surgery.apply import apply_gradient_filter
 from lightning_gf.surgery.class_swap import is_swapped
 from lightning_gf.surgery.frozen_batchnorm import EvalModeMixin
 from lightning_gf.surgery.frozen_bn_stats import FrozenBatchNormStats
@@ -120,7 +121,9 @@ class GradientFilterCallbackBase:
     and ``gf/backward_gflops_saved`` (analytic) and, on CUDA, ``gf/peak_mb`` (the step's
     ``torch.cuda.max_memory_allocated``).
 
-    Args are those of :func:`lightning_gf.apply_gradient_filter`, plus
+    Args are those of :func:`lightning_gf.apply_gradient_filter` (the options, or one
+    ``config``: a :class:`~lightning_gf.config.GradientFilterConfig`; its ``filter_fn`` is
+    not saved in checkpoints), plus
     ``log_memory`` (turn the per-step metrics off) and ``fidelity_every_n_steps``
     (``0``: off; ``N``: every ``N`` optimizer steps, before the step, log
     ``gf/fidelity/<layer>/gw_cos``, ``gw_norm_ratio``, ``gx_cos``, ``gx_norm_ratio``
@@ -147,26 +150,15 @@ class GradientFilterCallbackBase:
         lean: bool = True,
         log_memory: bool = True,
         fidelity_every_n_steps: int = 0,
+        config: Optional[GradientFilterConfig] = None,
     ) -> None:
-        if isinstance(r, Mapping):
-            for pattern, value in r.items():
-                _check_r_value(value, f"r[{pattern!r}]")
-        else:
-            _check_r_value(r, "r")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         if isinstance(fidelity_every_n_steps, bool) or not isinstance(fidelity_every_n_steps, int) or (
             fidelity_every_n_steps < 0
         ):
             raise ValueError(f"fidelity_every_n_steps must be an int >= 0 (0 turns it off), got {fidelity_every_n_steps!r}")
-        self.r = dict(r) if isinstance(r, Mapping) else r
-        self.depth = depth
-        self.freeze = freeze
-        self.bn_eval = bn_eval
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.stride_correction = stride_correction
-        self.lean = lean
+        self.filter_config = resolve_config(config, r=r, depth=depth, freeze=freeze, bn_eval=bn_eval,
+                                            include=include, exclude=exclude, stride_correction=stride_correction,
+                                            lean=lean)
         self.log_memory = log_memory
         self.fidelity_every_n_steps = fidelity_every_n_steps
         self._fidelity_step = -1
@@ -178,17 +170,18 @@ class GradientFilterCallbackBase:
         self._extra_bytes: Optional[int] = None
 
     def config(self) -> dict[str, Any]:
-        """The options this callback was built with."""
-        return {
-            "r": self.r,
-            "depth": self.depth,
-            "freeze": self.freeze,
-            "bn_eval": self.bn_eval,
-            "include": self.include,
-            "exclude": self.exclude,
-            "stride_correction": self.stride_correction,
-            "lean": self.lean,
-        }
+        """The options this callback was built with (:meth:`GradientFilterConfig.options`)."""
+        return self.filter_config.options()
+
+    # the options, read off the config (one source of truth)
+    r = property(lambda self: self.filter_config.r)
+    depth = property(lambda self: self.filter_config.depth)
+    freeze = property(lambda self: self.filter_config.freeze)
+    bn_eval = property(lambda self: self.filter_config.bn_eval)
+    include = property(lambda self: self.filter_config.options()["include"])
+    exclude = property(lambda self: self.filter_config.options()["exclude"])
+    stride_correction = property(lambda self: self.filter_config.stride_correction)
+    lean = property(lambda self: self.filter_config.lean)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.handle is not None:
@@ -199,7 +192,7 @@ class GradientFilterCallbackBase:
             pl_module.configure_model()
         example = pl_module.example_input_array
         if example is not None:
-            self.handle = apply_gradient_filter(pl_module, example_input=example, **self.config())
+            self.handle = apply_gradient_filter(pl_module, self.filter_config, example_input=example)
         else:
             self.handle, self._input_kind = self._install_from_first_batch(trainer, pl_module)
         if self.log_memory:
@@ -225,7 +218,7 @@ class GradientFilterCallbackBase:
             with warnings.catch_warnings(record=True) as caught:  # what a forward said on the wrong input is noise
                 warnings.simplefilter("always")
                 try:
-                    handle = apply_gradient_filter(pl_module, example_input=example, **self.config())
+                    handle = apply_gradient_filter(pl_module, self.filter_config, example_input=example)
                 except ExampleInputError as err:
                     cause = err.__cause__
                     failures.append(f"the model's forward failed on {describe_input(example)} "

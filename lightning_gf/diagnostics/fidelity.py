@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_gf.config import GradientFilterConfig, resolve_config
 from lightning_gf.diagnostics.model_state import model_state_kept, rng_rewinder
 from lightning_gf.surgery.apply import RSpec, apply_gradient_filter
 from lightning_gf.surgery.class_swap import is_swapped
@@ -226,6 +227,7 @@ def gradient_fidelity(
     bn_eval: bool = True,
     example_input: Any = None,
     train: bool = True,
+    config: Optional[GradientFilterConfig] = None,
 ) -> FidelityResult:
     """Cosine similarity and norm ratio of filtered against exact gradients, per filtered layer.
 
@@ -240,7 +242,7 @@ def gradient_fidelity(
         model: any ``nn.Module``.
         batch: what ``loss_fn`` takes.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
-        r, depth, include, exclude, stride_correction, freeze, bn_eval: as in
+        r, depth, include, exclude, stride_correction, freeze, bn_eval, config: as in
             :func:`lightning_gf.apply_gradient_filter`.
         example_input: the model input used to find the layers; by default the batch
             itself if it is a tensor, else its first element (or a usual dict key).
@@ -268,18 +270,10 @@ def gradient_fidelity(
         )
     if example_input is None:
         example_input = model_input_of(batch)
+    config = resolve_config(config, r=r, depth=depth, include=include, exclude=exclude,
+                            stride_correction=stride_correction, freeze=freeze, bn_eval=bn_eval)
     with model_state_kept(model):
-        handle = apply_gradient_filter(
-            model,
-            r,
-            depth,
-            example_input=example_input,
-            freeze=freeze,
-            bn_eval=bn_eval,
-            include=include,
-            exclude=exclude,
-            stride_correction=stride_correction,
-        )
+        handle = apply_gradient_filter(model, config, example_input=example_input)
         try:
             return fidelity_with_handle(model, batch, loss_fn, handle, train=train)
         finally:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_gf.config import GradientFilterConfig, resolve_config
 from lightning_gf.diagnostics.fidelity import LossFn, fidelity_with_handle, format_table
 from lightning_gf.diagnostics.model_state import model_state_kept
 from lightning_gf.diagnostics.saved_tensors import SavedTensorMeter
@@ -177,6 +178,7 @@ def layer_report(
     batch: Any = None,
     fidelity: bool = True,
     train: bool = True,
+    config: Optional[GradientFilterConfig] = None,
 ) -> LayerReport:
     """Report, per filtered layer in forward order, its shape, memory, backward work and ``g_w`` fidelity.
 
@@ -188,7 +190,7 @@ def layer_report(
     Args:
         model: any ``nn.Module``.
         example_input: a model input (tensor, tuple of arguments or dict of keyword arguments).
-        r, depth, include, exclude, stride_correction, freeze, bn_eval, lean: as in
+        r, depth, include, exclude, stride_correction, freeze, bn_eval, lean, config: as in
             :func:`lightning_gf.apply_gradient_filter`.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the fidelity; by default
             :func:`probe_loss` (a fixed random projection of the output).
@@ -205,11 +207,10 @@ def layer_report(
     """
     if any(is_swapped(m) for m in model.modules()):
         raise RuntimeError("this model already carries a gradient filter: remove it before asking for a report")
+    config = resolve_config(config, r=r, depth=depth, include=include, exclude=exclude,
+                            stride_correction=stride_correction, freeze=freeze, bn_eval=bn_eval, lean=lean)
     with model_state_kept(model):
-        handle = apply_gradient_filter(
-            model, r, depth, example_input=example_input, freeze=freeze, bn_eval=bn_eval,
-            include=include, exclude=exclude, stride_correction=stride_correction, lean=lean,
-        )
+        handle = apply_gradient_filter(model, config, example_input=example_input)
         try:
             model.train(train)
             bytes_v, graph_v, macs = _measure(model, example_input, handle, vanilla=True)
@@ -244,16 +245,5 @@ def layer_report(
     totals = {key: sum(getattr(row, key) for row in rows) for key in _COUNTS}
     totals["graph_kept_bytes_vanilla"] = graph_v
     totals["graph_kept_bytes_filtered"] = graph_f
-    config = {
-        "r": dict(r) if isinstance(r, dict) else r,
-        "depth": depth,
-        "include": list(include) if include else None,
-        "exclude": list(exclude) if exclude else None,
-        "stride_correction": stride_correction,
-        "freeze": freeze,
-        "bn_eval": bn_eval,
-        "lean": lean,
-        "train": train,
-        "fidelity": fidelity,
-    }
-    return LayerReport(rows, totals, config)
+    options = {**config.options(), "train": train, "fidelity": fidelity}
+    return LayerReport(rows, totals, options)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_gf.ops.stats import FilterStats
+from lightning_gf.config import GradientFilterConfig, RSpec, resolve_config
 from lightning_gf.surgery.class_swap import is_swapped, swap_class
 from lightning_gf.surgery.filtered_conv import FilteredConvMixin, unsupported_reason
 from lightning_gf.surgery.frozen_batchnorm import EvalModeMixin
@@ -24,14 +25,6 @@ from lightning_gf.surgery.lean_modules import (
     lean_batchnorm_supported,
 )
 from lightning_gf.surgery.tracing import ModuleCalls, trace_calls
-
-RSpec = Union[int, Mapping[str, int]]
-
-
-def _check_r_value(r: Any, where: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{where} must be an int >= 1 (1 means no filtering), got {r!r}")
-
 
 def _check_patterns(patterns: Sequence[str], names: list[str], what: str) -> None:
     for pattern in patterns:
@@ -51,20 +44,10 @@ def _r_for(name: str, r: RSpec) -> Optional[int]:
     return None
 
 
-def _validate(
-    model: nn.Module, r: RSpec, depth: Any, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]
-) -> list[str]:
+def _validate(model: nn.Module, config: GradientFilterConfig) -> list[str]:
+    """What the options say about this model (the options themselves were checked by the config)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(r, Mapping):
-        if not r:
-            raise ValueError("r mapping is empty: give an int or {pattern: r, ...}")
-        for pattern, value in r.items():
-            _check_r_value(value, f"r[{pattern!r}]")
-    else:
-        _check_r_value(r, "r")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1 (the number of last conv layers to filter), got {depth!r}")
     if any(is_swapped(m) for m in model.modules()):
         raise RuntimeError(
             "this model already has a gradient filter installed: call handle.remove() on the first one "
@@ -86,21 +69,17 @@ def _validate(
             f"TorchScript submodules are opaque to the gradient filter and train with plain backprop: {scripted[:3]}",
             stacklevel=3,
         )
-    if isinstance(r, Mapping):
-        _check_patterns(list(r), conv_names, "r")
-    _check_patterns(include or [], conv_names, "include")
-    _check_patterns(exclude or [], conv_names, "exclude")
+    if isinstance(config.r, Mapping):
+        _check_patterns(list(config.r), conv_names, "r")
+    _check_patterns(config.include or [], conv_names, "include")
+    _check_patterns(config.exclude or [], conv_names, "exclude")
     return conv_names
 
 
 def _select(
-    model: nn.Module,
-    calls: dict[str, ModuleCalls],
-    r: RSpec,
-    depth: int,
-    include: Optional[Sequence[str]],
-    exclude: Optional[Sequence[str]],
+    model: nn.Module, calls: dict[str, ModuleCalls], config: GradientFilterConfig
 ) -> list[tuple[str, nn.Conv2d, int, tuple[int, ...]]]:
+    include, exclude, depth = config.include, config.exclude, config.depth
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name in calls]
     if not convs:
         raise ValueError("none of the model's nn.Conv2d layers ran on the example input")
@@ -111,7 +90,9 @@ def _select(
             continue
         if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        layer_r = _r_for(name, r)
+        if config.filter_fn is not None and not config.filter_fn(name, conv):
+            continue
+        layer_r = _r_for(name, config.r)
         if layer_r is None:
             continue
         reason = unsupported_reason(conv)
@@ -127,7 +108,7 @@ def _select(
     if len(chosen) < depth:
         raise ValueError(
             f"depth={depth} but the model has only {len(chosen)} eligible Conv2d layers "
-            f"(output map at least r x r, matching r/include/exclude, supported): lower depth to "
+            f"(output map at least r x r, matching r/include/exclude/filter_fn, supported): lower depth to "
             f"{max(len(chosen), 1)} or widen the patterns"
         )
     if unsupported:
@@ -176,7 +157,7 @@ def _region_r(first_start: int, chosen_starts: list[tuple[int, int]]) -> int:
 
 def apply_gradient_filter(
     model: nn.Module,
-    r: RSpec = 2,
+    r: Union[RSpec, GradientFilterConfig] = 2,
     depth: int = 3,
     *,
     example_input: Any = None,
@@ -184,8 +165,10 @@ def apply_gradient_filter(
     bn_eval: bool = True,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
+    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
     stride_correction: bool = True,
     lean: bool = True,
+    config: Optional[GradientFilterConfig] = None,
 ) -> GradientFilterHandle:
     """Filter the gradients of the last ``depth`` Conv2d layers of ``model``, in place.
 
@@ -197,7 +180,8 @@ def apply_gradient_filter(
     Args:
         model: any ``nn.Module``.
         r: patch size, or a mapping from fnmatch patterns of conv names to patch
-            sizes (first match wins; convs no pattern matches are not filtered).
+            sizes (first match wins; convs no pattern matches are not filtered); or a
+            whole :class:`~lightning_gf.config.GradientFilterConfig` (as ``config``).
         depth: how many of the last eligible convs to filter.
         example_input: model input (a tensor, a tuple of positional arguments or a
             dict of keyword arguments); defaults to ``model.example_input_array``.
@@ -206,10 +190,13 @@ def apply_gradient_filter(
         bn_eval: keep every BatchNorm in eval mode, also after ``model.train()``.
         include: fnmatch patterns; only matching convs may be filtered.
         exclude: fnmatch patterns; matching convs are never filtered.
+        filter_fn: ``filter_fn(name, conv) -> bool``; only convs it accepts may be filtered.
         stride_correction: see :func:`lightning_gf.ops.conv.filtered_conv2d`.
         lean: between the first filtered conv and the output, let BatchNorm2d (eval
             mode) keep only patch sums of its input, and ReLU, ReLU6 and Dropout keep
             bit-packed masks (see ``docs/memory.md``: what stays exact, what does not).
+        config: every option above in one :class:`~lightning_gf.config.GradientFilterConfig`;
+            the keyword arguments then stay at their defaults.
 
     Returns:
         A :class:`GradientFilterHandle`; ``handle.remove()`` undoes everything.
@@ -235,7 +222,13 @@ def apply_gradient_filter(
         (True, False)
         >>> handle.remove()
     """
-    _validate(model, r, depth, include, exclude)
+    if isinstance(r, GradientFilterConfig):  # apply_gradient_filter(model, config), as torchao's quantize_
+        if config is not None:
+            raise TypeError("give the GradientFilterConfig once: as the second argument or as config=")
+        config, r = r, 2
+    config = resolve_config(config, r=r, depth=depth, freeze=freeze, bn_eval=bn_eval, include=include,
+                            exclude=exclude, filter_fn=filter_fn, stride_correction=stride_correction, lean=lean)
+    _validate(model, config)
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
     if example_input is None:
@@ -244,11 +237,11 @@ def apply_gradient_filter(
             "or set model.example_input_array"
         )
     calls = trace_calls(model, example_input)
-    chosen = _select(model, calls, r, depth, include, exclude)
+    chosen = _select(model, calls, config)
 
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     frozen: list[str] = []
-    if freeze:
+    if config.freeze:
         start = min(calls[name].first_start for name, *_ in chosen)
         for name, param in _parameters_to_freeze(model, calls, start):
             param.requires_grad_(False)
@@ -258,19 +251,19 @@ def apply_gradient_filter(
     for name, conv, layer_r, out_size in chosen:
         swap_class(conv, FilteredConvMixin)
         conv.gf_r = layer_r
-        conv.gf_stride_correction = stride_correction
+        conv.gf_stride_correction = config.stride_correction
         conv.gf_stats = FilterStats()
         layers.append(FilteredLayer(name=name, module=conv, r=layer_r, out_size=out_size))
         swapped.append(conv)
 
     lean_names: list[str] = []
-    if lean:
+    if config.lean:
         starts = sorted((calls[name].first_start, layer_r) for name, _, layer_r, _ in chosen)
         for name, module in model.named_modules():
             record = calls.get(name)
             if record is None or record.first_start <= starts[0][0] or is_swapped(module):
                 continue
-            mixin = _lean_mixin(module, bn_eval)
+            mixin = _lean_mixin(module, config.bn_eval)
             region_r = _region_r(record.first_start, starts)
             if mixin is None or region_r == 1:
                 continue
@@ -280,7 +273,7 @@ def apply_gradient_filter(
             lean_names.append(name)
 
     eval_batchnorms: list[nn.Module] = []
-    if bn_eval:
+    if config.bn_eval:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 if not is_swapped(module):

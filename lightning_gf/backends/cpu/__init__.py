@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from lightning_gf import config
+
 ENV_SWITCH = "LIGHTNING_GF_CPU_KERNELS"
 ENV_CACHE = "LIGHTNING_GF_CACHE"
 _NAME = "lightning_gf_cpu"
@@ -103,7 +105,8 @@ def available() -> bool:
     or when they could not be built (a warning says why, once).
     """
     global _loaded
-    if not _enabled:
+    forced = config._FORCED
+    if not _enabled or (forced is not None and forced != "cpu"):
         return False
     if _loaded is None:
         with _lock:
@@ -123,6 +126,11 @@ def available() -> bool:
                             stacklevel=2,
                         )
                         _loaded = False
+    if not _loaded and forced == "cpu":
+        raise RuntimeError(
+            f"force_backend('cpu') (or {config.ENV_BACKEND}=cpu) but the compiled CPU kernels are off or could not "
+            f"be built ({ENV_SWITCH}, set_enabled, or the warning above says why): pin another backend"
+        )
     return _loaded
 
 

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_gf import config
+
 ENV_SWITCH = "LIGHTNING_GF_TRITON"
 _LOG = logging.getLogger(__name__)
 _device_types = {"cuda"}
@@ -90,7 +92,10 @@ def takes(t: Tensor) -> bool:
         >>> takes(torch.ones(4))  # a CPU tensor: only CUDA ones by default
         False
     """
-    if t.device.type not in _device_types or not available() or t.numel() == 0:
+    forced = config._FORCED
+    if forced is not None and forced != "triton":
+        return False
+    if (forced is None and t.device.type not in _device_types) or not available() or t.numel() == 0:
         return False
     if t.numel() > _INT32_LIMIT:
         reason = "maps of over 2**31 elements"
