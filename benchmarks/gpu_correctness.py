@@ -3,10 +3,10 @@
 Two tiers of layer configurations:
 
 - ``reference``: small layers, compared with the independent float64 reference
-  ``tests.reference.reference_grads`` (explicit patch loops: slow, so the layers are small);
+  ``tests.helpers.reference.reference_grads`` (explicit patch loops: slow, so the layers are small);
 - ``large``: layers of realistic size (so that every tile and block of a device kernel
   is exercised), compared with the library's own float64 CPU path (plain PyTorch,
-  itself tested against that reference by ``tests/test_functional.py``).
+  itself tested against that reference by ``tests/ops/test_functional.py``).
 
 Every configuration runs in float32, bfloat16 and float16, with a contiguous and a
 channels_last input, for each ``r`` and stride convention listed. The inputs are
@@ -134,7 +134,7 @@ def _data(case: ConvCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Op
 
 
 def _reference(x, w, b, gy, conv: dict, r: int, stride_correction: bool):
-    from tests.reference import reference_grads
+    from tests.helpers.reference import reference_grads
 
     return reference_grads(x, w, b, gy, stride=(conv["stride"],) * 2, padding=conv["padding"],
                            dilation=(conv["dilation"],) * 2, groups=conv["groups"], r=r,

@@ -75,7 +75,7 @@ def correctness_section(data: dict) -> str:
         f"({found.get('tf32_tolerance', 5e-3):g} instead of {tol.get('float32', 1e-4):g}), **{s['failed']} failed**. "
         f"A check is one layer configuration at one r, stride convention, dtype and input layout (contiguous or "
         f"channels_last): its gradients (x, weight, bias) against float64 results on the CPU (the loop-based "
-        f"reference of `tests/reference.py` for {len(found.get('reference_cases', []))} small layers, the "
+        f"reference of `tests/helpers/reference.py` for {len(found.get('reference_cases', []))} small layers, the "
         f"library's float64 CPU path for {len(found.get('large_cases', []))} layers of realistic size), its "
         f"forward against `F.conv2d` on the device. Errors are relative L2 norms, worst over the checks.",
         "",

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from lightning_gf.backends import cpu as cpu_kernels  # noqa: E402
 from lightning_gf.backends import triton as triton_kernels  # noqa: E402
-from lightning_gf.config import BACKENDS, force_backend  # noqa: E402
+from lightning_gf.config import BACKENDS, force_backend, get_backend, set_backend  # noqa: E402
 
 
 def available_backends() -> list[str]:
@@ -41,3 +41,25 @@ def backend(request):
         pytest.skip(f"backend {request.param!r} does not run on CPU tensors here")
     with force_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _backend_switches_kept():
+    """Whatever a test does to the backend switches (the GPU benchmark turns the compiled CPU
+    kernels off for its process) does not reach the tests after it."""
+    enabled = cpu_kernels.set_enabled(True)
+    cpu_kernels.set_enabled(enabled)
+    forced = get_backend()
+    yield
+    cpu_kernels.set_enabled(enabled)
+    set_backend(forced)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run with ``GF_SLOW_TESTS=1``; ``gpu`` tests where CUDA is."""
+    run_slow = os.environ.get("GF_SLOW_TESTS") == "1"
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set GF_SLOW_TESTS=1"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
