@@ -28,7 +28,10 @@ from lightning_gf.ops.patch_grid import AxisGrid
 
 
 def _grids(x_shape: Any, r: int) -> tuple[AxisGrid, AxisGrid]:
-    return AxisGrid.build(x_shape[2], x_shape[2], r, 1), AxisGrid.build(x_shape[3], x_shape[3], r, 1)
+    h, w = x_shape[2], x_shape[3]
+    # symbolic sizes (torch.compile with dynamic shapes) do not hash: no cache for them
+    build = AxisGrid.build if type(h) is int and type(w) is int else AxisGrid.build.__wrapped__
+    return build(h, h, r, 1), build(w, w, r, 1)
 
 
 @torch.library.custom_op("lightning_gf::lean_batch_norm", mutates_args=())
@@ -38,7 +41,9 @@ def _lean_batch_norm_op(
 ) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm, and the patch sums of ``x`` when ``pool`` (else an empty tensor)."""
     y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-    pooled = pool_patches(x, *_grids(x.shape, r), on_input=True) if pool else x.new_empty(0)
+    # contiguous, as the fake kernel says: in a compiled graph this runs with the compiled CPU
+    # kernels on, whose sums come channel-major (a copy of 1/r^2 of x, in compiled graphs only)
+    pooled = pool_patches(x, *_grids(x.shape, r), on_input=True).contiguous() if pool else x.new_empty(0)
     return y, pooled
 
 

@@ -22,8 +22,9 @@ def _net() -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("lean", [False, True])
-def test_compiles_in_one_graph_with_eager_gradients(lean):
+@pytest.mark.parametrize("lean,dynamic", [(False, False), (True, False), (True, True)])
+def test_compiles_in_one_graph_with_eager_gradients(lean, dynamic):
+    # dynamic: the lean BatchNorm's fake kernel once hashed symbolic sizes into a cache
     x = torch.randn(2, 3, 16, 16)
     model = _net()
     apply_gradient_filter(model, r=2, depth=3, example_input=x[:1], lean=lean)
@@ -33,9 +34,12 @@ def test_compiles_in_one_graph_with_eager_gradients(lean):
     explained = dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     out = compiled(x)
     torch.testing.assert_close(out, eager(x))
+    if dynamic:  # another batch and map size, the same graph
+        other = torch.randn(3, 3, 20, 20)
+        torch.testing.assert_close(compiled(other), eager(other))
     out.pow(2).sum().backward()
     eager(x).pow(2).sum().backward()
     for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
