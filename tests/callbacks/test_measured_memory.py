@@ -115,8 +115,8 @@ class LitOdd(pl.LightningModule):
         return DataLoader(self.data, batch_size=5)  # 5, 5, 3: sizes measured whole and extended
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_logged_memory_is_what_each_step_keeps(channels_last, tmp_path):
+@pytest.mark.parametrize("channels_last,precision", [(False, "32-true"), (True, "32-true"), (False, "bf16-mixed")])
+def test_logged_memory_is_what_each_step_keeps(channels_last, precision, tmp_path):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(13, 3, 15, 15, generator=g), torch.randint(0, 3, (13,), generator=g))
     torch.manual_seed(0)
@@ -124,6 +124,7 @@ def test_logged_memory_is_what_each_step_keeps(channels_last, tmp_path):
     twin = copy.deepcopy(module)  # measured by hand below, with the same options
     logger = MemoryLogger()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1,
+                         precision=precision,
                          callbacks=[GradientFilterCallback(r=3, depth=3)], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module)
@@ -133,10 +134,12 @@ def test_logged_memory_is_what_each_step_keeps(channels_last, tmp_path):
     handle = apply_gradient_filter(twin, r=3, depth=3, example_input=data.tensors[0][:1])
     assert [layer.name for layer in handle.layers] == ["net.down.0", "net.dw.0", "net.pw"]
     twin.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for row, batch in zip(rows, DataLoader(data, batch_size=5)):
-        loss, filtered = kept_by(lambda: twin.training_step(batch, 0), twin)
-        with handle.plain():
-            _, plain = kept_by(lambda: twin.training_step(batch, 0), twin)
+        with autocast:
+            loss, filtered = kept_by(lambda: twin.training_step(batch, 0), twin)
+            with handle.plain():
+                _, plain = kept_by(lambda: twin.training_step(batch, 0), twin)
         assert plain > filtered > 0
         assert row["gf/activation_mb"] == pytest.approx(filtered / MIB, rel=1e-6)
         assert row["gf/activation_mb_vanilla"] == pytest.approx(plain / MIB, rel=1e-6)
