@@ -10,8 +10,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gf.ops.stats import FilterStats
 from lightning_gf.config import GradientFilterConfig, RSpec, resolve_config
+from lightning_gf.ops.stats import FilterStats
 from lightning_gf.surgery.class_swap import is_swapped, swap_class
 from lightning_gf.surgery.filtered_conv import FilteredConvMixin, unsupported_reason
 from lightning_gf.surgery.frozen_batchnorm import EvalModeMixin
@@ -25,6 +25,7 @@ from lightning_gf.surgery.lean_modules import (
     lean_batchnorm_supported,
 )
 from lightning_gf.surgery.tracing import ModuleCalls, trace_calls
+
 
 def _check_patterns(patterns: Sequence[str], names: list[str], what: str) -> None:
     for pattern in patterns:

@@ -21,7 +21,6 @@ TINY = ["--data.init_args.image_size=64", "--data.init_args.train_size=2", "--da
         "--data.init_args.test_size=2", "--data.init_args.batch_size=2"]
 
 
-
 def test_pyproject_declares_the_console_script() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'lightning-gf = "lightning_gf.app.cli:main"' in text

@@ -18,7 +18,6 @@ _APPLY = callback_base.apply_gradient_filter
 TINY = {"classification": 64, "segmentation": 96}
 
 
-
 def _tiny_args(recipe: Path) -> list[str]:
     task = yaml.safe_load(recipe.read_text())["data"]["init_args"]["task"]
     return [

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from lightning_gf.surgery.class_swap import is_swapped
-from tests.helpers.lightning import NAMESPACES, lit_tiny_class, namespace_of, trainer_for
+from tests.helpers.lightning import (
+    NAMESPACES,
+    lit_tiny_class,
+    namespace_of,
+    trainer_for,
+)
 
 
 def _probe_class(pl):

@@ -48,6 +48,7 @@ def pool_kernel(
     out_offsets = c[:, None] * (tl.num_programs(0) * PW) + row_id * PW + pc[None, :]
     tl.store(out + out_offsets, acc.to(out.dtype.element_ty), mask=c_ok[:, None] & (pc[None, :] < PW))
 
+
 @triton.jit
 def spread_kernel(
     low, out,
