@@ -8,12 +8,14 @@ the gradients from the patch means of the output gradient (``shared/method.md``)
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_gf import config
 from lightning_gf.backends import cpu as cpu_kernels
 from lightning_gf.backends import small_maps
 from lightning_gf.backends import triton as triton_kernels
@@ -24,6 +26,7 @@ from lightning_gf.ops.stats import FilterStats
 IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
 
+_LOG = logging.getLogger(__name__)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # From this many patches per map on, per-sample matrix products beat one product over
 # transposed copies of NCHW maps (measured on CPU; both are exact). Channel-major maps
@@ -121,6 +124,18 @@ def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
     return out
 
 
+def _pool_route(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> str:
+    """The backend that pools ``t`` (see docs/architecture.md, the route table)."""
+    if _use_kernels(t):
+        return "cpu"
+    if _use_triton(t):
+        return "triton"
+    if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
+            memory_format=torch.channels_last):
+        return "small_maps"
+    return "reference"
+
+
 def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
     """Sum ``t`` over the patches of the grid (input patches, or output patches).
 
@@ -139,16 +154,16 @@ def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: boo
     else:
         size_h, size_w = grid_h.r, grid_w.r
         before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
-    if _use_kernels(t):  # any map size: one call (small maps in registers, see patch_kernels.cpp)
+    route = _pool_route(t, grid_h, grid_w)
+    if route == "cpu":  # any map size: one call (small maps in registers, see patch_kernels.cpp)
         return torch.ops.lightning_gf_cpu.patch_pool(
             t, size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
         )[0]
     target = pooled_dtype(t)
-    if _use_triton(t):
+    if route == "triton":
         return triton_kernels.patch_pool(t, size_h, size_w, before_h, before_w, grid_h.patches,
                                          grid_w.patches, mean=False, total=False, out_dtype=target)[0]
-    if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
-            memory_format=torch.channels_last):
+    if route == "small_maps":
         sums = small_maps.pool_small(t.to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
         return sums.to(target)
     t = t.to(_accumulation_dtype(t.dtype))
@@ -668,16 +683,66 @@ def _node_plan(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dil
     inputs of the kernels' dtypes, numeric padding, taps that collapse (dilation < r), and
     dense or depthwise convs. What may change from call to call (a contiguous plain CPU
     input, the kernels on, no autocast, no JIT tracing) is checked on every call."""
-    if x.dim() != 4 or r == 1 or x.dtype not in _KERNEL_DTYPES:
+    if _node_declines(x, weight, stride, padding, dilation, groups, r) is not None:
         return _NO_NODE
     geometry = _geometry(x, weight, stride, padding, dilation, r, False)
-    if not geometry.node_takes or not _dense_or_depthwise(weight, groups):
-        return _NO_NODE
     scale = 1.0 / (geometry.stride[0] * geometry.stride[1]) if stride_correction else 1.0
     counts = tuple(_filter_counts(x, weight.shape, geometry, r, need_x, need_w)
                    for need_x in (False, True) for need_w in (False, True))
     own_conv = None if x.dtype == torch.float32 and groups == x.shape[1] == weight.shape[0] else False
     return _NodePlan(geometry.conv, geometry.grid, scale, counts, own_conv)
+
+
+def _node_declines(x: Tensor, weight: Tensor, stride: IntPair, padding: Padding, dilation: IntPair, groups: int,
+                   r: int) -> Optional[str]:
+    """Why the compiled node never takes this conv, or None where its plan lets it (the
+    conditions that hold for every call with the same arguments)."""
+    if x.dim() != 4:
+        return "the input is not 4-D"
+    if r == 1:
+        return "r = 1 (the plain conv)"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} is not one of the kernels'"
+    geometry = _geometry(x, weight, stride, padding, dilation, r, False)
+    if geometry.padding_str:
+        return f"padding={geometry.padding_str!r} (the node takes numeric padding)"
+    if not geometry.node_takes:
+        return f"dilation {geometry.dilation} >= r = {r}: atrous taps keep their shape"
+    if not _dense_or_depthwise(weight, groups):
+        return f"groups={groups} is neither dense nor depthwise"
+    return None
+
+
+def _node_declines_now(x: Tensor) -> Optional[str]:
+    """Why the compiled node does not take this call although its plan would (what may
+    change from call to call), or None."""
+    if torch._C._get_tracing_state():
+        return "JIT tracing"
+    if _any_autocast():
+        return "autocast is on"
+    if type(x) is not Tensor or not x.is_cpu:
+        return f"the input is a {type(x).__name__} on {x.device.type}, not a plain CPU tensor"
+    if config.get_backend() not in (None, "cpu"):
+        return f"backend pinned: {config.get_backend()}"
+    if not cpu_kernels.available():
+        return "the compiled CPU kernels are off or could not be built"
+    if not x.is_contiguous():
+        return "the input is not contiguous NCHW (channels_last?)"
+    return None
+
+
+_ROUTES_SAID: set[tuple[Any, ...]] = set()
+
+
+def _say_route(key: Optional[tuple[Any, ...]], route: str, why: str) -> None:
+    """Log, at debug level and once per conv and route, which route a filtered conv takes and why."""
+    said = (key, route, why)
+    if said not in _ROUTES_SAID:
+        if len(_ROUTES_SAID) >= _MAX_NODE_PLANS:  # inputs of ever new sizes: bounded, as the plans
+            _ROUTES_SAID.clear()
+        _ROUTES_SAID.add(said)
+        shape = tuple(key[0]) if key is not None else "?"
+        _LOG.debug("lightning_gf: filtered conv on input %s takes %s: %s", shape, route, why)
 
 
 def _own_depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv: tuple[int, ...],
@@ -790,7 +855,13 @@ def filtered_conv2d(
             if _stats is not None:
                 _add_call_counts(_stats, plan.counts[2 * (grad_on and input.requires_grad) + need_w], pooled is None,
                                  reads)
+            if _LOG.isEnabledFor(logging.DEBUG):
+                _say_route(key, "the compiled C++ node", "forward and backward in one autograd node")
             return y
+        if _LOG.isEnabledFor(logging.DEBUG):
+            why = (_node_declines(input, weight, stride, padding, dilation, groups, r) if plan is _NO_NODE
+                   else _node_declines_now(input))
+            _say_route(key, "the Python autograd Function", f"the C++ node declines: {why}")
     if input.dim() != 4:
         raise ValueError(f"filtered_conv2d takes a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
     geometry = _geometry(input, weight, stride, padding, dilation, r, compiling)

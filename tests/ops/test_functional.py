@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_gf.backends import cpu as cpu_kernels
 from lightning_gf.ops.conv import filtered_conv2d
 from tests.helpers.reference import reference_grads
 
@@ -223,3 +225,28 @@ def test_pooled_copy_is_recomputed_after_in_place_change():
     h.mul_(2)
     filtered_conv2d(h, w, r=2).sum().backward()
     torch.testing.assert_close(w.grad, 2 * first)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="compiled CPU kernels unavailable")
+def test_the_route_each_conv_takes_is_logged_once_with_why(caplog):
+    from lightning_gf.config import force_backend
+
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    cases = {
+        "node": (torch.randn(2, 4, 9, 9), dict(padding=1), "takes the compiled C++ node"),
+        "channels_last": (torch.randn(2, 4, 10, 10).contiguous(memory_format=torch.channels_last), dict(padding=1),
+                          "the C++ node declines: the input is not contiguous NCHW"),
+        "atrous": (torch.randn(2, 4, 11, 11), dict(padding=2, dilation=2), "atrous taps keep their shape"),
+        "same": (torch.randn(2, 4, 12, 12), dict(padding="same"), "padding='same' (the node takes numeric padding)"),
+    }
+    with caplog.at_level(logging.DEBUG, logger="lightning_gf.ops.conv"):
+        for x, kwargs, _ in cases.values():
+            for _ in range(3):  # said once, not per call
+                filtered_conv2d(x.requires_grad_(), w, **kwargs, r=2)
+        with force_backend("reference"):
+            filtered_conv2d(torch.randn(2, 4, 13, 13, requires_grad=True), w, padding=1, r=2)
+    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_gf.ops.conv"]
+    for name, (x, _, expected) in cases.items():
+        said = [m for m in messages if f"input {tuple(x.shape)}" in m]
+        assert len(said) == 1 and expected in said[0], (name, said)
+    assert any("(2, 4, 13, 13)" in m and "backend pinned: reference" in m for m in messages)
