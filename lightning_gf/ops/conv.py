@@ -361,13 +361,26 @@ def _weight_grad_per_pair(gbar: Tensor, xs: Tensor, groups: int) -> Tensor:
     return per_pair
 
 
-def _reads_of(x: Tensor) -> dict[Any, Any]:
-    """What filtered convs derived from ``x`` (at its current version), kept on ``x`` itself."""
-    cache = getattr(x, "_gf_pooled", None)
-    if cache is None or cache[0] != x._version:
-        cache = (x._version, {})
-        x._gf_pooled = cache  # type: ignore[attr-defined]
-    return cache[1]
+class _Reads:
+    """What filtered convs derived from one input tensor at one version, kept on the tensor
+    itself (``x._gf_pooled``), so that it lives no longer than the input: its patch sums per
+    grid (one copy for every conv that reads it) and whether a reader counted the input."""
+
+    __slots__ = ("version", "pooled", "counted")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.pooled: dict[tuple[int, ...], Tensor] = {}
+        self.counted = False
+
+
+def _reads_of(x: Tensor) -> _Reads:
+    """The :class:`_Reads` of ``x`` at its current version (new ones after an in-place change)."""
+    reads = getattr(x, "_gf_pooled", None)
+    if reads is None or reads.version != x._version:
+        reads = _Reads(x._version)
+        x._gf_pooled = reads  # type: ignore[attr-defined]
+    return reads
 
 
 def _shared_pooled_input(x: Tensor, geometry: "_Geometry") -> tuple[Tensor, bool]:
@@ -381,7 +394,7 @@ def _shared_pooled_input(x: Tensor, geometry: "_Geometry") -> tuple[Tensor, bool
     grid_h, grid_w = geometry.grid_h, geometry.grid_w
     if torch.compiler.is_compiling():
         return pool_patches(x, grid_h, grid_w, on_input=True), True
-    reads = _reads_of(x)
+    reads = _reads_of(x).pooled
     pooled = reads.get(geometry.grid)
     if pooled is not None:
         return pooled, False
@@ -389,11 +402,11 @@ def _shared_pooled_input(x: Tensor, geometry: "_Geometry") -> tuple[Tensor, bool
     return pooled, True
 
 
-def _first_read(reads: dict[Any, Any]) -> bool:
+def _first_read(reads: _Reads) -> bool:
     """Whether this is the first patched conv whose backward needs the input whose
     :func:`_reads_of` is ``reads`` (a plain conv keeps it once)."""
-    first = "read" not in reads
-    reads["read"] = True
+    first = not reads.counted
+    reads.counted = True
     return first
 
 
@@ -770,7 +783,7 @@ def _cpu_node_op() -> Any:
 
 
 def _add_call_counts(stats: FilterStats, counts: tuple[int, int, int, int], pooled_here: bool,
-                     reads: Optional[dict[Any, Any]]) -> None:
+                     reads: Optional[_Reads]) -> None:
     """Adds one filtered call's :func:`_filter_counts` to a layer's statistics; ``reads`` is the
     input's :func:`_reads_of` where the weight needs a gradient, else None."""
     kept_bytes, vanilla_bytes, vanilla_macs, filtered_macs = counts
@@ -841,7 +854,7 @@ def filtered_conv2d(
             grad_on = torch.is_grad_enabled()
             need_w = grad_on and weight.requires_grad
             reads = _reads_of(input) if need_w else None
-            pooled = None if reads is None else reads.get(plan.grid)
+            pooled = None if reads is None else reads.pooled.get(plan.grid)
             if plan.own_conv is None:  # a depthwise conv's first call in the node
                 own = key is not None and _own_conv_agrees(input, weight, bias, plan, stride, padding, dilation,
                                                            groups)
@@ -851,7 +864,7 @@ def filtered_conv2d(
             y, kept = _cpu_node_op()(input, weight, bias, pooled, plan.conv, groups, plan.grid, plan.scale, need_w,
                                      plan.own_conv, _NO_DOUBLE_BACKWARD)
             if reads is not None and pooled is None:
-                reads[plan.grid] = kept
+                reads.pooled[plan.grid] = kept
             if _stats is not None:
                 _add_call_counts(_stats, plan.counts[2 * (grad_on and input.requires_grad) + need_w], pooled is None,
                                  reads)
