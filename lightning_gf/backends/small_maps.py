@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_gf import config
+from lightning_gf.backends.reference import accumulation_dtype, pooled_dtype
 
 if TYPE_CHECKING:  # the grid's geometry comes in from the ops; backends import nothing of them
     from lightning_gf.ops.patch_grid import AxisGrid
@@ -134,3 +135,52 @@ def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, 
     else:
         values = low.reshape(n * c, -1)
     return _product(values, member.t()).reshape(n, c, height, width)
+
+
+# --- the steps of the filtered conv on this backend (see docs/architecture.md) -----------
+
+NAME = "small_maps"
+
+
+def declines_pool(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Optional[str]:
+    """Why pooling ``t`` does not take the matrix product (None: it does)."""
+    if not is_small(t.shape[2], t.shape[3], grid_h, grid_w):
+        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return "a channels_last map"
+    return None
+
+
+def declines_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Optional[str]:
+    """Why the means of ``grad_out`` do not take the matrix product (None: they do)."""
+    if not is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w):
+        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+    if not grad_out.is_contiguous():
+        return "a g_y that is not contiguous NCHW"
+    return None
+
+
+def declines_spread(low: Tensor, height: int, width: int, grid_h: AxisGrid, grid_w: AxisGrid,
+                    channels_last: bool) -> Optional[str]:
+    """Why spreading ``g_x`` does not take the matrix product (None: it does)."""
+    if channels_last:
+        return "a channels_last g_x"
+    if not is_small(height, width, grid_h, grid_w):
+        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+    return None
+
+
+def pool(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool) -> Tensor:
+    """Patch sums in one product, summed in float32 for half types, as ``pooled_dtype``."""
+    return pool_small(t.to(accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input).to(pooled_dtype(t))
+
+
+def means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
+    """The patch means and per-channel total of ``grad_out`` in one product."""
+    return means_and_total_small(grad_out.to(accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
+
+
+def spread(low: Tensor, height: int, width: int, grid_h: AxisGrid, grid_w: AxisGrid, scale: float,
+           dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """``g_x`` in one product, NCHW."""
+    return spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from lightning_gf import config
 from lightning_gf.backends import cpu as cpu_kernels
-from lightning_gf.backends import small_maps
-from lightning_gf.backends import triton as triton_kernels
+from lightning_gf.backends import dispatch, reference, small_maps
 from lightning_gf.ops.once_differentiable import once_differentiable
 from lightning_gf.ops.patch_grid import AxisGrid
 from lightning_gf.ops.stats import FilterStats
@@ -27,7 +26,6 @@ IntPair = Union[int, tuple[int, int]]
 Padding = Union[str, int, tuple[int, int]]
 
 _LOG = logging.getLogger(__name__)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # From this many patches per map on, per-sample matrix products beat one product over
 # transposed copies of NCHW maps (measured on CPU; both are exact). Channel-major maps
 # (what the compiled kernels make) always take the single product, without copies.
@@ -60,152 +58,40 @@ def _pair_or_zero(value: IntPair) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_accumulation_dtype = reference.accumulation_dtype
+pooled_dtype = reference.pooled_dtype
+_KERNEL_DTYPES = cpu_kernels.DTYPES
+_channel_major = cpu_kernels.channel_major
 
 
 def _use_kernels(t: Tensor) -> bool:
-    """Whether the compiled CPU kernels take ``t``: a plain CPU tensor, outside tracing, stored
-    contiguous, channel-major (what they make) or patch-major (what small maps make)."""
-    return (  # the cheapest checks first: this runs several times per call
-        type(t) is Tensor
-        and t.is_cpu
-        and t.dtype in _KERNEL_DTYPES
-        and not torch.compiler.is_compiling()  # before available(): its lock breaks a torch.compile graph
-        and cpu_kernels.available()
-        and (t.is_contiguous() or _channel_major(t) or small_maps.is_patch_major(t))
-    )
-
-
-def _use_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels take ``t``: a plain tensor on an enabled device (CUDA), outside tracing."""
-    return (
-        triton_kernels.takes(t)  # first: False at once for CPU tensors
-        and t.dtype in _KERNEL_DTYPES
-        and type(t) is Tensor
-        and not torch.compiler.is_compiling()
-    )
-
-
-def pooled_dtype(t: Tensor) -> torch.dtype:
-    """The dtype of the patch sums of ``t``: float32 for half types on CPU (the products run
-    in float32 there), the half type itself on GPUs (summed in float32, then rounded, so
-    the products run on tensor cores, as a half-precision conv's own backward does).
-
-    Example:
-        >>> pooled_dtype(torch.ones(1, dtype=torch.bfloat16))
-        torch.float32
-    """
-    if t.dtype in _LOW_PRECISION and t.device.type != "cpu":
-        return t.dtype
-    return _accumulation_dtype(t.dtype)
-
-
-def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
-    """Sum over non-overlapping ``kh x kw`` tiles of a map they tile exactly.
-
-    Two passes of strided adds (columns, then rows): faster on CPU than
-    ``avg_pool2d`` or a 6-D reshape-sum for contiguous NCHW tensors.
-    """
-    n, c, h, w = t.shape
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return F.avg_pool2d(t, (kh, kw), (kh, kw), divisor_override=1)
-    cols = t.reshape(n, c, h, w // kw, kw)
-    acc = cols[..., 0] + cols[..., 1] if kw > 1 else cols[..., 0]
-    for j in range(2, kw):
-        acc += cols[..., j]
-    rows = acc.reshape(n, c, h // kh, kh, w // kw)
-    out = rows[:, :, :, 0] + rows[:, :, :, 1] if kh > 1 else rows[:, :, :, 0]
-    for i in range(2, kh):
-        out += rows[:, :, :, i]
-    return out
-
-
-def _pool_route(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> str:
-    """The backend that pools ``t`` (see docs/architecture.md, the route table)."""
-    if _use_kernels(t):
-        return "cpu"
-    if _use_triton(t):
-        return "triton"
-    if small_maps.is_small(t.shape[2], t.shape[3], grid_h, grid_w) and not t.is_contiguous(
-            memory_format=torch.channels_last):
-        return "small_maps"
-    return "reference"
+    """Whether the compiled CPU kernels take ``t`` (see :func:`lightning_gf.backends.cpu.declines`)."""
+    return cpu_kernels.declines(t) is None
 
 
 def pool_patches(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, *, on_input: bool) -> Tensor:
     """Sum ``t`` over the patches of the grid (input patches, or output patches).
 
     Cells outside ``t`` count zero. Sums are taken in float32 for half types and kept as
-    :func:`pooled_dtype`.
+    :func:`pooled_dtype`. The first backend that takes ``t`` runs it
+    (:mod:`lightning_gf.backends.dispatch`).
 
     Example:
         >>> g = AxisGrid.build(in_size=4, out_size=4, r=2, stride=1)
         >>> pool_patches(torch.ones(1, 1, 4, 4), g, g, on_input=True).flatten().tolist()
         [4.0, 4.0, 4.0, 4.0]
     """
-    t = t.detach()  # no gradient flows through patch sums: nothing here may enter the autograd graph
-    if on_input:
-        size_h, size_w = grid_h.in_patch, grid_w.in_patch
-        before_h, after_h, before_w, after_w = grid_h.in_before, grid_h.in_after, grid_w.in_before, grid_w.in_after
-    else:
-        size_h, size_w = grid_h.r, grid_w.r
-        before_h, after_h, before_w, after_w = grid_h.out_before, grid_h.out_after, grid_w.out_before, grid_w.out_after
-    route = _pool_route(t, grid_h, grid_w)
-    if route == "cpu":  # any map size: one call (small maps in registers, see patch_kernels.cpp)
-        return torch.ops.lightning_gf_cpu.patch_pool(
-            t, size_h, size_w, before_h, before_w, grid_h.patches, grid_w.patches, False, False
-        )[0]
-    target = pooled_dtype(t)
-    if route == "triton":
-        return triton_kernels.patch_pool(t, size_h, size_w, before_h, before_w, grid_h.patches,
-                                         grid_w.patches, mean=False, total=False, out_dtype=target)[0]
-    if route == "small_maps":
-        sums = small_maps.pool_small(t.to(_accumulation_dtype(t.dtype)), grid_h, grid_w, on_input=on_input)
-        return sums.to(target)
-    t = t.to(_accumulation_dtype(t.dtype))
-    pads = (before_w, after_w, before_h, after_h)
-    if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)
-        t = F.pad(t, pads)
-    return _sum_tiles(t, size_h, size_w).to(target)
+    # no gradient flows through patch sums: nothing here may enter the autograd graph
+    return dispatch.pool(t.detach(), grid_h, grid_w, on_input)
 
 
-@functools.lru_cache(maxsize=256)
-def _patch_counts_cached(grid_h: AxisGrid, grid_w: AxisGrid, dtype: torch.dtype, device: torch.device) -> Tensor:
-    counts_h = torch.tensor(grid_h.out_counts(), dtype=dtype, device=device)
-    counts_w = torch.tensor(grid_w.out_counts(), dtype=dtype, device=device)
-    return counts_h[:, None] * counts_w[None, :]
-
-
-def _patch_counts(grid_h: AxisGrid, grid_w: AxisGrid, like: Tensor) -> Tensor:
-    """Number of output cells inside the map for each patch, ``(P_h, P_w)``."""
-    if torch.compiler.is_compiling():
-        return _patch_counts_cached.__wrapped__(grid_h, grid_w, like.dtype, like.device)
-    return _patch_counts_cached(grid_h, grid_w, like.dtype, like.device)
+_patch_counts = reference.patch_counts
 
 
 def _patch_means_and_total(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> tuple[Tensor, Tensor]:
     """Means of ``grad_out`` over the valid cells of each output patch, and its per-channel
     sum (the exact bias gradient), in one pass."""
-    if _use_triton(grad_out):
-        return triton_kernels.patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
-                                         grid_h.patches, grid_w.patches, mean=True, total=True,
-                                         out_dtype=pooled_dtype(grad_out))
-    if _use_kernels(grad_out):
-        return torch.ops.lightning_gf_cpu.patch_pool(
-            grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
-            True, True,
-        )
-    if small_maps.is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w) and grad_out.is_contiguous():
-        return small_maps.means_and_total_small(grad_out.to(_accumulation_dtype(grad_out.dtype)), grid_h, grid_w)
-    sums = pool_patches(grad_out, grid_h, grid_w, on_input=False)
-    total = sums.sum((0, 2, 3))
-    if grid_h.out_before == grid_h.out_after == grid_w.out_before == grid_w.out_after == 0:
-        return sums / (grid_h.r * grid_w.r), total  # every patch is full
-    return sums / _patch_counts(grid_h, grid_w, sums), total
+    return dispatch.means_and_total(grad_out, grid_h, grid_w)
 
 
 def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, dtype: torch.dtype,
@@ -213,49 +99,15 @@ def _spread_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: flo
     """``g_x``: ``scale`` times each patch value, repeated over its input patch, as ``dtype``."""
     height = grid_h.patches * grid_h.in_patch - grid_h.in_before - grid_h.in_after
     width = grid_w.patches * grid_w.in_patch - grid_w.in_before - grid_w.in_after
-    if _use_triton(low):
-        return triton_kernels.patch_spread(low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before,
-                                           grid_w.in_before, scale, dtype, channels_last)
-    if not channels_last and _use_kernels(low):
-        return torch.ops.lightning_gf_cpu.patch_spread(
-            low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, scale, dtype
-        )
-    if not channels_last and small_maps.is_small(height, width, grid_h, grid_w):
-        return small_maps.spread_small(low, grid_h, grid_w, scale, height, width).to(dtype).contiguous()
-    if scale != 1:
-        low = low * scale
-    grad_x = _upsample_to_input(low, grid_h, grid_w).to(dtype)
-    return grad_x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def _upsample_to_input(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Tensor:
-    """Repeat each patch value over its input patch, then crop to the input map.
-
-    Columns first (a small tensor), then whole rows (long contiguous copies).
-    """
-    n, c, ph, pw = low.shape
-    kh, kw = grid_h.in_patch, grid_w.in_patch
-    cols = low[..., None].expand(n, c, ph, pw, kw).reshape(n, c, ph, pw * kw)
-    full = cols[:, :, :, None, :].expand(n, c, ph, kh, pw * kw).reshape(n, c, ph * kh, pw * kw)
-    if min(grid_h.in_before, grid_h.in_after, grid_w.in_before, grid_w.in_after) >= 0:
-        # the grid covers the input: crop with a view (no copy; autograd takes strided grads)
-        h_end = full.shape[2] - grid_h.in_after
-        w_end = full.shape[3] - grid_w.in_after
-        return full[:, :, grid_h.in_before : h_end, grid_w.in_before : w_end]
-    pads = (-grid_w.in_before, -grid_w.in_after, -grid_h.in_before, -grid_h.in_after)
-    return F.pad(full, pads)  # grid smaller than the input: crop and zero-fill
+    return dispatch.spread(low, height, width, grid_h, grid_w, scale, dtype, channels_last)
 
 
 def _tap_sums(w: Tensor) -> Tensor:
-    """``w.sum((2, 3))``: as a matrix-vector product, about 3x faster on CPU than the reduction."""
+    """``w.sum((2, 3))`` (a view for 1x1 kernels)."""
     c_out, c_in_group, kh, kw = w.shape
     if kh * kw == 1:
         return w.reshape(c_out, c_in_group)
-    if w.device.type != "cpu":  # one reduction kernel
-        return w.sum((2, 3))
-    if _use_kernels(w):
-        return torch.ops.lightning_gf_cpu.tap_sums(w)
-    return torch.mv(w.reshape(c_out * c_in_group, kh * kw), w.new_ones(kh * kw)).reshape(c_out, c_in_group)
+    return dispatch.tap_sums(w)
 
 
 def _low_res_input_grad(
@@ -323,15 +175,7 @@ def _weight_grad(gbar: Tensor, xs: Tensor, weight_shape: torch.Size, groups: int
                  dtype: torch.dtype) -> Tensor:
     """``g_w``: ``scale`` times one value per (out, in) channel pair, shared by every kernel tap."""
     per_pair = _weight_grad_per_pair(gbar, xs, groups)
-    if per_pair.device.type != "cpu":  # one broadcasting copy (and an in-place scale for strided convs)
-        grad_w = torch.empty(weight_shape, dtype=dtype, device=per_pair.device)
-        grad_w.copy_(per_pair[:, :, None, None].expand(weight_shape))
-        return grad_w.mul_(scale) if scale != 1 else grad_w
-    if _use_kernels(per_pair):
-        return torch.ops.lightning_gf_cpu.tap_broadcast(per_pair, weight_shape[2], weight_shape[3], scale, dtype)
-    if scale != 1:
-        per_pair = per_pair * scale
-    return per_pair[:, :, None, None].expand(weight_shape).to(dtype).contiguous()
+    return dispatch.broadcast(per_pair, weight_shape, scale, dtype)
 
 
 def _weight_grad_per_pair(gbar: Tensor, xs: Tensor, groups: int) -> Tensor:

@@ -26,7 +26,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -146,3 +146,70 @@ def set_enabled(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
+
+
+# --- the steps of the filtered conv on these kernels (see docs/architecture.md) ----------
+
+NAME = "cpu"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def channel_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (N, C, h, w) is stored as (C, N, h, w): read as a (C, N*h*w) matrix for free."""
+    return t.transpose(0, 1).is_contiguous()
+
+
+def declines(t: torch.Tensor, *_: object) -> Optional[str]:
+    """Why the kernels do not take ``t`` (None: they do): a plain CPU tensor of their dtypes,
+    outside tracing, stored contiguous, channel-major (what they make) or patch-major (what
+    small maps make). The cheapest checks first: this runs several times per call."""
+    if type(t) is not torch.Tensor or not t.is_cpu:
+        return "not a plain CPU tensor"
+    if t.dtype not in DTYPES:
+        return "a dtype the kernels do not take"
+    if torch.compiler.is_compiling():  # before available(): its lock breaks a torch.compile graph
+        return "torch.compile is tracing (the kernels have no fake kernels yet)"
+    if not available():
+        return "off (LIGHTNING_GF_CPU_KERNELS=0, set_enabled(False) or another backend pinned) or not built"
+    if not (t.is_contiguous() or channel_major(t) or t.permute(2, 3, 0, 1).is_contiguous()):
+        return "a layout the kernels do not read (channels_last)"
+    return None
+
+
+def declines_spread(low: torch.Tensor, height: int, width: int, grid_h: Any, grid_w: Any,
+                    channels_last: bool) -> Optional[str]:
+    """:func:`declines`, and a channels_last ``g_x`` (the kernel writes NCHW)."""
+    return "a channels_last g_x (the kernel writes NCHW)" if channels_last else declines(low)
+
+
+def pool(t: torch.Tensor, grid_h: Any, grid_w: Any, on_input: bool) -> torch.Tensor:
+    """Patch sums of ``t`` in one call, any map size (small maps in registers), channel-major."""
+    if on_input:
+        return torch.ops.lightning_gf_cpu.patch_pool(t, grid_h.in_patch, grid_w.in_patch, grid_h.in_before,
+                                                     grid_w.in_before, grid_h.patches, grid_w.patches, False,
+                                                     False)[0]
+    return torch.ops.lightning_gf_cpu.patch_pool(t, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
+                                                 grid_h.patches, grid_w.patches, False, False)[0]
+
+
+def means_and_total(grad_out: torch.Tensor, grid_h: Any, grid_w: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch means of ``grad_out`` and its per-channel total, in one pass."""
+    return torch.ops.lightning_gf_cpu.patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
+                                                 grid_h.patches, grid_w.patches, True, True)
+
+
+def spread(low: torch.Tensor, height: int, width: int, grid_h: Any, grid_w: Any, scale: float, dtype: torch.dtype,
+           channels_last: bool) -> torch.Tensor:
+    """``g_x`` written once, NCHW."""
+    return torch.ops.lightning_gf_cpu.patch_spread(low, height, width, grid_h.in_patch, grid_w.in_patch,
+                                                   grid_h.in_before, grid_w.in_before, scale, dtype)
+
+
+def tap_sums(w: torch.Tensor) -> torch.Tensor:
+    """The sum of each kernel's taps, ``(C_out, C_in/groups)``."""
+    return torch.ops.lightning_gf_cpu.tap_sums(w)
+
+
+def broadcast(per_pair: torch.Tensor, weight_shape: torch.Size, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``g_w``: each pair's value times ``scale`` over every tap, in one pass."""
+    return torch.ops.lightning_gf_cpu.tap_broadcast(per_pair, weight_shape[2], weight_shape[3], scale, dtype)

@@ -30,12 +30,13 @@ import importlib.util
 import logging
 import os
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_gf import config
+from lightning_gf.backends.reference import pooled_dtype
 
 ENV_SWITCH = "LIGHTNING_GF_TRITON"
 _LOG = logging.getLogger(__name__)
@@ -192,3 +193,43 @@ def patch_spread(
         float(scale), KH=kh, KW=kw, ACC_F64=low.dtype == torch.float64, BLOCK_C=block_c, BLOCK_W=block_w, num_warps=4,
     )
     return out
+
+
+# --- the steps of the filtered conv on these kernels (see docs/architecture.md) ----------
+
+NAME = "triton"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def declines(t: Tensor, *_: object) -> Optional[str]:
+    """Why the kernels do not take ``t`` (None: they do): a plain tensor of their dtypes on
+    an enabled device (CUDA; any device where this backend is pinned), outside tracing."""
+    if not takes(t):  # first: False at once for CPU tensors
+        return "not on a device the kernels run on, Triton off or missing, or a map over 2**31 elements"
+    if t.dtype not in DTYPES or type(t) is not Tensor:
+        return "not a plain tensor of the kernels' dtypes"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    return None
+
+
+def pool(t: Tensor, grid_h: Any, grid_w: Any, on_input: bool) -> Tensor:
+    """Patch sums of ``t`` in one pass, any strides."""
+    if on_input:
+        return patch_pool(t, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, grid_h.patches,
+                          grid_w.patches, mean=False, total=False, out_dtype=pooled_dtype(t))[0]
+    return patch_pool(t, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
+                      mean=False, total=False, out_dtype=pooled_dtype(t))[0]
+
+
+def means_and_total(grad_out: Tensor, grid_h: Any, grid_w: Any) -> tuple[Tensor, Tensor]:
+    """The patch means of ``grad_out`` and its per-channel total, in one pass."""
+    return patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches,
+                      grid_w.patches, mean=True, total=True, out_dtype=pooled_dtype(grad_out))
+
+
+def spread(low: Tensor, height: int, width: int, grid_h: Any, grid_w: Any, scale: float, dtype: torch.dtype,
+           channels_last: bool) -> Tensor:
+    """``g_x`` written once, in the input's layout."""
+    return patch_spread(low, height, width, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before,
+                        scale, dtype, channels_last)
