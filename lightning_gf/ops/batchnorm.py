@@ -34,17 +34,24 @@ def _grids(x_shape: Any, r: int) -> tuple[AxisGrid, AxisGrid]:
     return build(h, h, r, 1), build(w, w, r, 1)
 
 
+def _lean_forward(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  r: int, pool: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Eval-mode batch norm of ``x``, and the patch sums of ``x`` when ``pool`` (else None):
+    the forward of both entry points, the custom op and the eager Function."""
+    y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return y, pool_patches(x, *_grids(x.shape, r), on_input=True) if pool else None
+
+
 @torch.library.custom_op("lightning_gf::lean_batch_norm", mutates_args=())
 def _lean_batch_norm_op(
     x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, r: int,
     pool: bool,
 ) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm, and the patch sums of ``x`` when ``pool`` (else an empty tensor)."""
-    y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    y, pooled = _lean_forward(x, mean, var, weight, bias, eps, r, pool)
     # contiguous, as the fake kernel says: in a compiled graph this runs with the compiled CPU
     # kernels on, whose sums come channel-major (a copy of 1/r^2 of x, in compiled graphs only)
-    pooled = pool_patches(x, *_grids(x.shape, r), on_input=True).contiguous() if pool else x.new_empty(0)
-    return y, pooled
+    return y, pooled.contiguous() if pooled is not None else x.new_empty(0)
 
 
 @_lean_batch_norm_op.register_fake
@@ -124,8 +131,7 @@ class _LeanBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],  # type: ignore[override]
                 bias: Optional[Tensor], eps: float, r: int, pool: bool) -> Tensor:
-        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        pooled = pool_patches(x, *_grids(x.shape, r), on_input=True) if pool else None
+        y, pooled = _lean_forward(x, mean, var, weight, bias, eps, r, pool)
         ctx.save_for_backward(pooled, mean, var, weight)
         ctx.eps, ctx.r = eps, r
         return y
