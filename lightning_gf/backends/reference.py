@@ -69,12 +69,9 @@ def _sum_tiles(t: Tensor, kh: int, kw: int) -> Tensor:
 def pool(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, on_input: bool) -> Tensor:
     """Patch sums of ``t`` over the grid's input (or output) patches, as :func:`pooled_dtype`:
     zero padding (or a crop) to the grid, then sums over its tiles."""
-    if on_input:
-        size_h, size_w = grid_h.in_patch, grid_w.in_patch
-        pads = (grid_w.in_before, grid_w.in_after, grid_h.in_before, grid_h.in_after)
-    else:
-        size_h, size_w = grid_h.r, grid_w.r
-        pads = (grid_w.out_before, grid_w.out_after, grid_h.out_before, grid_h.out_after)
+    size_h, before_h, after_h = grid_h.cells(on_input)
+    size_w, before_w, after_w = grid_w.cells(on_input)
+    pads = (before_w, after_w, before_h, after_h)
     target = pooled_dtype(t)
     t = t.to(accumulation_dtype(t.dtype))
     if any(pads):  # zero cells outside the map (or crop where the grid is smaller than it)

@@ -142,10 +142,14 @@ def spread_small(low: Tensor, grid_h: AxisGrid, grid_w: AxisGrid, scale: float, 
 NAME = "small_maps"
 
 
+def _too_large() -> str:
+    return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+
+
 def declines_pool(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Optional[str]:
     """Why pooling ``t`` does not take the matrix product (None: it does)."""
     if not is_small(t.shape[2], t.shape[3], grid_h, grid_w):
-        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+        return _too_large()
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return "a channels_last map"
     return None
@@ -154,7 +158,7 @@ def declines_pool(t: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Optional[str
 def declines_means(grad_out: Tensor, grid_h: AxisGrid, grid_w: AxisGrid) -> Optional[str]:
     """Why the means of ``grad_out`` do not take the matrix product (None: they do)."""
     if not is_small(grad_out.shape[2], grad_out.shape[3], grid_h, grid_w):
-        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+        return _too_large()
     if not grad_out.is_contiguous():
         return "a g_y that is not contiguous NCHW"
     return None
@@ -166,7 +170,7 @@ def declines_spread(low: Tensor, height: int, width: int, grid_h: AxisGrid, grid
     if channels_last:
         return "a channels_last g_x"
     if not is_small(height, width, grid_h, grid_w):
-        return f"more than {SMALL_MAP} cells or {FEW_PATCHES} patches"
+        return _too_large()
     return None
 
 

@@ -32,11 +32,6 @@ _LOG = logging.getLogger(__name__)
 _MANY_PATCHES = 100
 
 
-def _channel_major(t: Tensor) -> bool:
-    """Whether ``t`` (N, C, h, w) is stored as (C, N, h, w): read as a (C, N*h*w) matrix for free."""
-    return t.transpose(0, 1).is_contiguous()
-
-
 _NO_DOUBLE_BACKWARD = (
     "lightning_gf: a filtered conv has no double backward (its backward is an approximation, computed once), "
     "so a second-order gradient (create_graph=True, e.g. a gradient penalty or MAML) cannot pass through it. "
@@ -58,7 +53,6 @@ def _pair_or_zero(value: IntPair) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-_accumulation_dtype = reference.accumulation_dtype
 pooled_dtype = reference.pooled_dtype
 _KERNEL_DTYPES = cpu_kernels.DTYPES
 _channel_major = cpu_kernels.channel_major

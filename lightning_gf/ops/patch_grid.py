@@ -68,6 +68,17 @@ class AxisGrid:
             for i in range(self.patches)
         ]
 
+    def cells(self, on_input: bool) -> tuple[int, int, int]:
+        """Patch size, and padding before and after the map, on the input map or the output map.
+
+        Example:
+            >>> AxisGrid.build(in_size=7, out_size=4, r=2, stride=2).cells(on_input=True)
+            (4, 1, 0)
+        """
+        if on_input:
+            return self.in_patch, self.in_before, self.in_after
+        return self.r, self.out_before, self.out_after
+
     def cell_patches(self, on_input: bool) -> list[int]:
         """The patch of each cell of the map (input or output), ``-1`` outside the grid.
 
@@ -75,8 +86,7 @@ class AxisGrid:
             >>> AxisGrid.build(in_size=7, out_size=7, r=2, stride=1).cell_patches(on_input=True)
             [0, 1, 1, 2, 2, 3, 3]
         """
-        k, before, after = (self.in_patch, self.in_before, self.in_after) if on_input else (
-            self.r, self.out_before, self.out_after)
+        k, before, after = self.cells(on_input)
         size = self.patches * k - before - after
         return [(i + before) // k if 0 <= i + before < self.patches * k else -1 for i in range(size)]
 

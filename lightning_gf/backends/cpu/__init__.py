@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_gf import config
+from lightning_gf.backends import small_maps
 
 ENV_SWITCH = "LIGHTNING_GF_CPU_KERNELS"
 ENV_CACHE = "LIGHTNING_GF_CACHE"
@@ -171,7 +172,7 @@ def declines(t: torch.Tensor, *_: object) -> Optional[str]:
         return "torch.compile is tracing (the kernels have no fake kernels yet)"
     if not available():
         return "off (LIGHTNING_GF_CPU_KERNELS=0, set_enabled(False) or another backend pinned) or not built"
-    if not (t.is_contiguous() or channel_major(t) or t.permute(2, 3, 0, 1).is_contiguous()):
+    if not (t.is_contiguous() or channel_major(t) or small_maps.is_patch_major(t)):
         return "a layout the kernels do not read (channels_last)"
     return None
 
@@ -182,20 +183,22 @@ def declines_spread(low: torch.Tensor, height: int, width: int, grid_h: Any, gri
     return "a channels_last g_x (the kernel writes NCHW)" if channels_last else declines(low)
 
 
+def _patch_pool(t: torch.Tensor, grid_h: Any, grid_w: Any, on_input: bool, mean: bool,
+                total: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    kh, before_h, _ = grid_h.cells(on_input)
+    kw, before_w, _ = grid_w.cells(on_input)
+    return torch.ops.lightning_gf_cpu.patch_pool(t, kh, kw, before_h, before_w, grid_h.patches, grid_w.patches, mean,
+                                                 total)
+
+
 def pool(t: torch.Tensor, grid_h: Any, grid_w: Any, on_input: bool) -> torch.Tensor:
     """Patch sums of ``t`` in one call, any map size (small maps in registers), channel-major."""
-    if on_input:
-        return torch.ops.lightning_gf_cpu.patch_pool(t, grid_h.in_patch, grid_w.in_patch, grid_h.in_before,
-                                                     grid_w.in_before, grid_h.patches, grid_w.patches, False,
-                                                     False)[0]
-    return torch.ops.lightning_gf_cpu.patch_pool(t, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
-                                                 grid_h.patches, grid_w.patches, False, False)[0]
+    return _patch_pool(t, grid_h, grid_w, on_input, False, False)[0]
 
 
 def means_and_total(grad_out: torch.Tensor, grid_h: Any, grid_w: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The patch means of ``grad_out`` and its per-channel total, in one pass."""
-    return torch.ops.lightning_gf_cpu.patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before,
-                                                 grid_h.patches, grid_w.patches, True, True)
+    return _patch_pool(grad_out, grid_h, grid_w, False, True, True)
 
 
 def spread(low: torch.Tensor, height: int, width: int, grid_h: Any, grid_w: Any, scale: float, dtype: torch.dtype,

@@ -213,19 +213,22 @@ def declines(t: Tensor, *_: object) -> Optional[str]:
     return None
 
 
+def _patch_pool(t: Tensor, grid_h: Any, grid_w: Any, on_input: bool, mean: bool,
+                total: bool) -> tuple[Tensor, Tensor]:
+    kh, before_h, _ = grid_h.cells(on_input)
+    kw, before_w, _ = grid_w.cells(on_input)
+    return patch_pool(t, kh, kw, before_h, before_w, grid_h.patches, grid_w.patches, mean=mean, total=total,
+                      out_dtype=pooled_dtype(t))
+
+
 def pool(t: Tensor, grid_h: Any, grid_w: Any, on_input: bool) -> Tensor:
     """Patch sums of ``t`` in one pass, any strides."""
-    if on_input:
-        return patch_pool(t, grid_h.in_patch, grid_w.in_patch, grid_h.in_before, grid_w.in_before, grid_h.patches,
-                          grid_w.patches, mean=False, total=False, out_dtype=pooled_dtype(t))[0]
-    return patch_pool(t, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches, grid_w.patches,
-                      mean=False, total=False, out_dtype=pooled_dtype(t))[0]
+    return _patch_pool(t, grid_h, grid_w, on_input, False, False)[0]
 
 
 def means_and_total(grad_out: Tensor, grid_h: Any, grid_w: Any) -> tuple[Tensor, Tensor]:
     """The patch means of ``grad_out`` and its per-channel total, in one pass."""
-    return patch_pool(grad_out, grid_h.r, grid_w.r, grid_h.out_before, grid_w.out_before, grid_h.patches,
-                      grid_w.patches, mean=True, total=True, out_dtype=pooled_dtype(grad_out))
+    return _patch_pool(grad_out, grid_h, grid_w, False, True, True)
 
 
 def spread(low: Tensor, height: int, width: int, grid_h: Any, grid_w: Any, scale: float, dtype: torch.dtype,
